@@ -1,0 +1,32 @@
+"""Atomic output directories: a failed write leaves nothing behind, an existing output stays intact."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory exists and overwriting was not asked for."""
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yields a temporary directory beside ``out`` that becomes ``out`` only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to overwrite it or choose another -o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

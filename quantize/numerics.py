@@ -1,0 +1,67 @@
+"""Integer quantization arithmetic, short enough to read on one screen.
+
+Weights are ``[out_features, in_features]``. Scales and zero points have shape ``[out, n_groups]``
+(``n_groups`` is 1 for per-channel, ``in/group_size`` for grouped, and scalars are ``[1, 1]``
+for per-tensor) which is the layout compressed-tensors stores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantize.schemes import QuantArgs
+
+
+def _grouped(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Views ``w`` as ``[out, n_groups, group_len]`` for the scheme's strategy."""
+    out, cols = w.shape
+    if args.strategy == "tensor":
+        return w.reshape(1, 1, -1)
+    if args.strategy == "channel":
+        return w.reshape(out, 1, cols)
+    if args.strategy == "group":
+        if cols % args.group_size:
+            raise ValueError(f"group_size {args.group_size} does not divide {cols} columns")
+        return w.reshape(out, cols // args.group_size, args.group_size)
+    raise ValueError(f"strategy {args.strategy!r} does not apply to weights")
+
+
+def compute_qparams(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max scale and zero point per channel or group, as float32 and int32 ``[out, n_groups]``."""
+    g = _grouped(w.float(), args)
+    lo = g.amin(dim=-1).clamp(max=0)
+    hi = g.amax(dim=-1).clamp(min=0)
+    if args.symmetric:
+        scale = torch.maximum(-lo, hi) / args.qmax
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = (hi - lo) / (args.qmax - args.qmin)
+        zero = (args.qmin - torch.round(lo / scale.clamp(min=1e-12))).clamp(args.qmin, args.qmax).int()
+    scale = scale.clamp(min=torch.finfo(torch.float32).tiny * 1e6)  # all-zero rows stay finite
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Rounds ``w`` to integers in ``[qmin, qmax]``, as int8."""
+    g = _grouped(w.float(), args)
+    q = torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+    q = q.clamp(args.qmin, args.qmax).reshape(w.shape)
+    return q.to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """The float32 weights that integers ``q`` stand for."""
+    g = _grouped(q.to(torch.int32), args)
+    return ((g - zero.unsqueeze(-1)).float() * scale.unsqueeze(-1)).reshape(q.shape)
+
+
+def fake_quantize(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Round trip through the integer grid: what the engine computes with, in ``w``'s dtype."""
+    scale, zero = compute_qparams(w, args)
+    return dequantize(quantize(w, scale, zero, args), scale, zero, args).to(w.dtype)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in decibels."""
+    noise = (reference.float() - approx.float()).pow(2).mean()
+    return float(10 * torch.log10(reference.float().pow(2).mean() / noise.clamp(min=1e-30)))

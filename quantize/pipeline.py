@@ -1,0 +1,172 @@
+"""``quantize_checkpoint``: the one entry point from a float checkpoint to a quantized export.
+
+Weights stream from the safetensors files one tensor at a time, so memory stays near the largest
+tensor; calibrated methods will hook in per decoder layer. The output appears atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from exporters import compressed_tensors
+from exporters.atomic import atomic_output_dir
+from exporters.shards import ShardWriter
+from quantize.methods import check_method, quantize_weight
+from quantize.schemes import Scheme, SchemeError
+
+# Files a checkpoint carries besides its weights and config, copied as they are.
+AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+             "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+@dataclass
+class QuantizeReport:
+    """What a quantization did, written to ``qserve.json`` in the output."""
+
+    source: str
+    output: str
+    scheme: dict
+    method: str
+    quantized_layers: int
+    seconds: float
+    size_bytes: int
+    source_size_bytes: int
+    source_sha256: str
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__, qserve_version=_version())
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qserve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def linear_layer_names(model_dir: Path) -> list[str]:
+    """Names of the ``nn.Linear`` modules of the architecture in ``model_dir`` (built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
+
+
+def _is_ignored(name: str, ignore: tuple[str, ...]) -> bool:
+    """compressed-tensors semantics: ``re:PATTERN`` matches by regex, anything else by exact name."""
+    for entry in ignore:
+        if entry.startswith("re:") and re.match(entry[3:], name):
+            return True
+        if name == entry or name.endswith("." + entry):
+            return True
+    return False
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise SchemeError(f"{model_dir} has no .safetensors weights; convert the checkpoint to safetensors first")
+    return files
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def _tensor_shapes(files: list[Path]) -> dict[str, list[int]]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = f.get_slice(key).get_shape()
+    return shapes
+
+
+def check_group_fit(scheme: Scheme, targets: list[str], shapes: dict[str, list[int]]) -> None:
+    """Fails before any work when the weight group size does not divide a target layer's inputs."""
+    g = scheme.weights.group_size
+    if scheme.weights.strategy != "group":
+        return
+    bad = {name: shapes[f"{name}.weight"][1] for name in targets if shapes[f"{name}.weight"][1] % g}
+    if bad:
+        widths = sorted(set(bad.values()))
+        fits = [s for s in (256, 128, 64, 32, 16) if all(w % s == 0 for w in widths)]
+        listing = ", ".join(f"{n} ({w} inputs)" for n, w in list(bad.items())[:4])
+        more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+        raise SchemeError(f"group size {g} does not divide the inputs of {len(bad)} layers: {listing}{more}; "
+                          f"group sizes that fit every layer: {', '.join(map(str, fits)) or 'none'}")
+
+
+def _sha256_files(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(str(path.stat().st_size).encode())
+        with open(path, "rb") as fh:  # the first MiB: a fingerprint, cheap on large checkpoints
+            digest.update(fh.read(1 << 20))
+    return digest.hexdigest()
+
+
+def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: Path, force: bool = False,
+                        progress: bool = True, log: Callable[[str], None] = print) -> QuantizeReport:
+    """Quantizes the linear layers of ``model_dir`` and writes a compressed-tensors checkpoint to ``out_dir``."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    check_method(method)
+    files = weight_files(model_dir)
+    shapes = _tensor_shapes(files)
+    linear = linear_layer_names(model_dir)
+    targets = [n for n in linear if not _is_ignored(n, scheme.ignore) and f"{n}.weight" in shapes]
+    skipped = [n for n in linear if n not in targets]
+    check_group_fit(scheme, targets, shapes)
+    target_weights = {f"{n}.weight": n for n in targets}
+    config = json.loads((model_dir / "config.json").read_text())
+
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        writer = ShardWriter(tmp)
+        bar = tqdm(total=len(shapes), desc=f"quantize {scheme.name}/{method}", unit="tensor", disable=not progress)
+        for key, tensor in _iter_tensors(files):
+            if key in target_weights:
+                qw = quantize_weight(tensor, scheme.weights, method)
+                writer.add(compressed_tensors.layer_tensors(target_weights[key], qw, scheme, tensor.dtype))
+            else:
+                writer.add({key: tensor})
+            bar.update(1)
+        bar.close()
+        writer.close()
+        for name in AUX_FILES:
+            if (model_dir / name).exists():
+                shutil.copy2(model_dir / name, tmp / name)
+        config["quantization_config"] = compressed_tensors.quantization_config(scheme)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        report = QuantizeReport(
+            source=str(model_dir), output=str(out_dir), scheme=scheme.to_dict(), method=method,
+            quantized_layers=len(targets), seconds=round(time.perf_counter() - start, 2),
+            size_bytes=writer.total_bytes, source_size_bytes=sum(p.stat().st_size for p in files),
+            source_sha256=_sha256_files(files), skipped=skipped)
+        (tmp / "qserve.json").write_text(json.dumps(report.to_dict(), indent=2))
+    log(f"wrote {out_dir}: {len(targets)} layers {scheme.name}/{method}, "
+        f"{report.size_bytes / 2**20:.1f} MiB (source {report.source_size_bytes / 2**20:.1f} MiB), {report.seconds:.1f} s")
+    return report
