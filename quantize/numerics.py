@@ -63,5 +63,6 @@ def fake_quantize(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in decibels."""
-    noise = (reference.float() - approx.float()).pow(2).mean()
-    return float(10 * torch.log10(reference.float().pow(2).mean() / noise.clamp(min=1e-30)))
+    reference, approx = reference.detach().float(), approx.detach().float()
+    noise = (reference - approx).pow(2).mean()
+    return float(10 * torch.log10(reference.pow(2).mean() / noise.clamp(min=1e-30)))

@@ -1,0 +1,3 @@
+from qserve.cli import app
+
+app(prog_name="qserve")

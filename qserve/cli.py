@@ -1,0 +1,175 @@
+"""The ``qserve`` command line: parse arguments, call one library function, print the outcome.
+
+Heavy imports (torch, transformers, vLLM) happen inside the commands so that ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional, TypeVar
+
+import typer
+
+app = typer.Typer(help="Quantize, export, serve, load-test and evaluate LLMs on vLLM.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Built-in demo models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+F = TypeVar("F", bound=Callable)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The error types whose message is meant for the user as it is (each says how to fix it)."""
+    from exporters.atomic import OutputExistsError
+    from exporters.models import ModelError
+    from loadtest.client import EndpointError
+    from quantize.methods import MethodError
+    from quantize.schemes import SchemeError
+    from serving.engine import EngineStartError
+    from serving.server import ServeError
+
+    return (OutputExistsError, ModelError, EndpointError, MethodError, SchemeError, EngineStartError,
+            ServeError, FileNotFoundError)
+
+
+def user_errors(fn: F) -> F:
+    """Turns the library's user-facing errors into one ``error:`` message and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+        except Exception as exc:
+            if isinstance(exc, _user_errors()):
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1)
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _write_json(path: Optional[Path], data: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2))
+        typer.echo(f"saved {path}")
+
+
+@models_app.command("prepare")
+@user_errors
+def models_prepare(name: str = typer.Argument("smollm2-135m", help="Demo model name."),
+                   force: bool = typer.Option(False, help="Rebuild even if cached.")) -> None:
+    """Build the demo model's safetensors checkpoint (cached under ~/.cache/qserve/models)."""
+    from exporters.models import prepare_model
+
+    typer.echo(str(prepare_model(name, force=force)))
+
+
+@app.command()
+@user_errors
+def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id, or demo model name."),
+             scheme: str = typer.Option("w8a8", help="Scheme preset: w8a8, w8a16, w4a16."),
+             method: str = typer.Option("rtn", help="Quantization method: rtn."),
+             output: Path = typer.Option(..., "--output", "-o", help="Output checkpoint directory."),
+             group_size: Optional[int] = typer.Option(None, help="Weight group size (overrides the preset)."),
+             force: bool = typer.Option(False, help="Overwrite an existing output directory.")) -> None:
+    """Quantize a checkpoint and write it in the compressed-tensors layout vLLM loads."""
+    from exporters.models import resolve_model
+    from quantize.methods import check_method
+    from quantize.pipeline import quantize_checkpoint
+    from quantize.schemes import get_scheme
+
+    chosen = get_scheme(scheme, group_size)  # validate names before resolving (and downloading) a model
+    check_method(method)
+    quantize_checkpoint(resolve_model(model), chosen, method, output, force=force, log=typer.echo)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def serve(ctx: typer.Context,
+          model: str = typer.Argument(..., help="Checkpoint directory, hub id, or demo model name."),
+          host: str = typer.Option("127.0.0.1", help="Gateway address."),
+          port: int = typer.Option(8000, help="Gateway port."),
+          name: Optional[str] = typer.Option(None, help="Model name clients send (default: directory name)."),
+          max_model_len: int = typer.Option(4096, help="Context length given to vLLM."),
+          enforce_eager: bool = typer.Option(True, help="Skip torch.compile (starts in ~30 s instead of minutes)."),
+          log_dir: Optional[Path] = typer.Option(None, help="Where vLLM's log goes (default ~/.cache/qserve/logs).")) -> None:
+    """Serve a checkpoint on vLLM behind the OpenAI-compatible gateway. Extra arguments go to vLLM."""
+    from exporters.models import resolve_model
+    from serving.server import serve as run_server
+
+    run_server(resolve_model(model), host=host, port=port, served_name=name, max_model_len=max_model_len,
+               engine_args=tuple(ctx.args), enforce_eager=enforce_eager, log_dir=log_dir, log=typer.echo)
+
+
+@app.command()
+@user_errors
+def loadtest(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible server."),
+             model: Optional[str] = typer.Option(None, help="Model name (default: the first served)."),
+             input_len: int = typer.Option(512, help="Approximate prompt length in tokens."),
+             output_len: int = typer.Option(64, help="Output tokens per request (EOS ignored)."),
+             concurrency: int = typer.Option(8, help="Concurrent streams in the load phase."),
+             num_requests: int = typer.Option(32, help="Requests in the load phase."),
+             text_file: Optional[Path] = typer.Option(None, help="Text to cut prompts from."),
+             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the JSON report here.")) -> None:
+    """Measure prefill and decode throughput and latency percentiles of a served model."""
+    from loadtest.runner import LoadSpec, run_loadtest
+
+    spec = LoadSpec(input_len=input_len, output_len=output_len, concurrency=concurrency,
+                    num_requests=num_requests, text_file=text_file)
+    report = run_loadtest(url, model, spec, log=typer.echo)
+    load = report["phases"]["load"]
+    typer.echo(f"prefill {report['prefill_tok_s'] or 0:,.0f} tok/s | decode {report['decode_tok_s'] or 0:.1f} tok/s "
+               f"(1 stream) | {load['output_tok_s'] or 0:.1f} output tok/s at {concurrency} streams | "
+               f"TTFT p50 {(report['ttft_p50_s'] or 0) * 1000:.0f} ms | errors {load['errors']}")
+    _write_json(output, report)
+
+
+@app.command("eval")
+@user_errors
+def evaluate(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible server."),
+             tokenizer: str = typer.Option(..., help="Checkpoint directory (or hub id) of the served model's tokenizer."),
+             model: Optional[str] = typer.Option(None, help="Model name (default: the first served)."),
+             text_file: Optional[Path] = typer.Option(None, help="Text to score (default: WikiText-2 test)."),
+             seq_len: int = typer.Option(2048, help="Tokens per window."),
+             max_windows: Optional[int] = typer.Option(20, help="Cap on windows (0 for all)."),
+             concurrency: int = typer.Option(2, help="Windows scored at once."),
+             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the JSON result here.")) -> None:
+    """Perplexity of a served model, from the prompt log-probabilities its endpoint returns."""
+    from loadtest.data import data_file
+    from loadtest.perplexity import endpoint_perplexity
+
+    result = endpoint_perplexity(url, text_file or data_file("wikitext2-test.raw"), tokenizer, model=model,
+                                 seq_len=seq_len, max_windows=max_windows or None, concurrency=concurrency)
+    typer.echo(f"perplexity {result['perplexity']:.3f} over {result['tokens_scored']:,} tokens "
+               f"({result['windows']} windows x {result['seq_len']}) in {result['wall_s']:.0f} s")
+    _write_json(output, result)
+
+
+@app.command()
+@user_errors
+def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Where the report goes."),
+         scheme: List[str] = typer.Option(["w8a8"], help="Schemes to compare with bf16 (repeatable)."),
+         port: int = typer.Option(8300, help="Gateway port used for each variant in turn."),
+         windows: int = typer.Option(20, help="Perplexity windows of 2048 tokens.")) -> None:
+    """Run the whole chain on the demo model and print the bf16-vs-quantized table."""
+    from loadtest.demo import run_demo
+    from quantize.schemes import get_scheme
+
+    for s in scheme:
+        get_scheme(s)
+    run_demo(output, tuple(scheme), port=port, windows=windows, log=typer.echo)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

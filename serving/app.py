@@ -1,0 +1,51 @@
+"""``build_app(settings)``: the gateway as a FastAPI application."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Optional
+
+import httpx
+from fastapi import FastAPI
+
+from serving.backends import Backend, BackendPool
+from serving.errors import install_error_handlers
+from serving.metrics import GatewayMetrics
+from serving.routes import router
+from serving.service import OpenAIProxy
+
+
+@dataclass
+class GatewaySettings:
+    """What the gateway serves. ``on_fatal`` is told when a launched engine cannot start."""
+
+    backends: list[Backend]
+    request_timeout_s: float = 600.0
+    connect_timeout_s: float = 5.0
+    on_fatal: Callable[[str], None] = field(default=lambda message: None)
+    log: Callable[[str], None] = print
+
+
+def build_app(settings: GatewaySettings) -> FastAPI:
+    """The gateway: OpenAI routes, ``/health``, ``/ready``, ``/metrics``; engines start with the app."""
+    pool = BackendPool(settings.backends)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+            app.state.proxy = OpenAIProxy(pool, GatewayMetrics(), client)
+            starter: Optional[asyncio.Task] = asyncio.create_task(pool.start(settings.on_fatal, settings.log))
+            try:
+                yield
+            finally:
+                starter.cancel()
+                await asyncio.to_thread(pool.stop)
+
+    app = FastAPI(title="qserve gateway", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,125 @@
+"""A vLLM OpenAI server as a supervised child process."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+
+class EngineStartError(RuntimeError):
+    """vLLM did not become healthy; the message carries the tail of its log and the log's path."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to launch one vLLM engine. ``extra_args`` pass through to vLLM unchanged."""
+
+    model_dir: Path
+    served_name: str
+    port: int
+    log_path: Path
+    host: str = "127.0.0.1"
+    max_model_len: int = 2048
+    enforce_eager: bool = True
+    extra_args: tuple[str, ...] = ()
+    startup_timeout_s: float = 900.0
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", str(self.model_dir), "--served-model-name", self.served_name,
+               "--host", self.host, "--port", str(self.port), "--max-model-len", str(self.max_model_len),
+               "--disable-uvicorn-access-log"]
+        if self.enforce_eager:
+            cmd.append("--enforce-eager")  # skips ~100 s of torch.compile per start on CPU
+        return cmd + list(self.extra_args)
+
+
+def _engine_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if importlib.util.find_spec("vllm") is not None and _is_cpu_build():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM-CPU's default takes a large share of RAM
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _is_cpu_build() -> bool:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("vllm-cpu")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log written)"
+
+
+@dataclass
+class VLLMEngine:
+    """Starts, health-checks and stops one vLLM server (through ``serving.reaper``)."""
+
+    config: EngineConfig
+    process: Optional[subprocess.Popen] = field(default=None, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def start(self) -> None:
+        if importlib.util.find_spec("vllm") is None:
+            raise EngineStartError("vLLM is not installed; run scripts/setup.sh "
+                                   "(or pip install '.[cpu]' / '.[gpu]')")
+        self.config.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.config.log_path, "ab")
+        cmd = [sys.executable, "-m", "serving.reaper", "--", *self.config.command()]
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=_engine_env(), cwd=str(Path(__file__).resolve().parent.parent))
+        log.close()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    async def wait_ready(self) -> float:
+        """Polls ``/health`` until it answers 200; returns seconds waited."""
+        start = time.monotonic()
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            while time.monotonic() - start < self.config.startup_timeout_s:
+                if not self.alive():
+                    raise self._start_error(f"vLLM exited with code {self.process.returncode if self.process else '?'}")
+                try:
+                    if (await client.get(f"{self.url}/health")).status_code == 200:
+                        return time.monotonic() - start
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(1.0)
+        self.stop()
+        raise self._start_error(f"vLLM did not become healthy in {self.config.startup_timeout_s:.0f} s")
+
+    def _start_error(self, what: str) -> EngineStartError:
+        return EngineStartError(f"{what} while starting {self.config.model_dir}. Last lines of its log:\n"
+                                f"{log_tail(self.config.log_path)}\nfull log: {self.config.log_path}")
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM to the reaper, which takes vLLM's whole process group down; SIGKILL if it lingers."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

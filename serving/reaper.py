@@ -1,0 +1,65 @@
+"""Runs a command in its own process group and takes the whole group down with it.
+
+``python -m serving.reaper -- CMD ...`` is how the gateway launches an engine. vLLM starts helper
+processes of its own; killing only the top one can leave them running. The reaper kills the group
+when it is told to stop (SIGTERM/SIGINT), when the command exits, and when its own parent dies
+(a gateway killed with SIGKILL cannot clean up, so the reaper notices the re-parenting instead).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+GRACE_SECONDS = 10.0
+
+
+def _kill_group(pgid: int, grace: float = GRACE_SECONDS) -> None:
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] != "--" or len(argv) < 2:
+        print("usage: python -m serving.reaper -- COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    parent = os.getppid()
+    child = subprocess.Popen(argv[1:], start_new_session=True)
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while True:
+        code = child.poll()
+        if code is not None:
+            _kill_group(child.pid, grace=2.0)  # helpers the command left behind
+            return code
+        if stopping or os.getppid() != parent:
+            _kill_group(child.pid)
+            child.wait()
+            return 0 if stopping else 1
+        time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,74 @@
+"""The thin HTTP layer: parse, hand to the service, wrap its answer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from serving.errors import APIError
+from serving.metrics import label_exposition
+from serving.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
+from serving.service import OpenAIProxy
+
+router = APIRouter()
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 429, 502, 503, 504)}
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _proxy(request: Request) -> OpenAIProxy:
+    return request.app.state.proxy
+
+
+async def _generate(request: Request, endpoint: str, body: CompletionRequest | ChatCompletionRequest) -> Response:
+    proxy = _proxy(request)
+    if body.stream:
+        events = await proxy.open_stream(endpoint, body)
+        return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+    return JSONResponse(await proxy.complete(endpoint, body))
+
+
+@router.post("/v1/completions", responses=_ERRORS)
+async def completions(request: Request, body: CompletionRequest) -> Response:
+    return await _generate(request, "/v1/completions", body)
+
+
+@router.post("/v1/chat/completions", responses=_ERRORS)
+async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+    return await _generate(request, "/v1/chat/completions", body)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(request: Request) -> ModelList:
+    return _proxy(request).models()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the gateway answers. Whether the engines are up is ``/ready``'s question."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> dict[str, object]:
+    pool = _proxy(request).pool
+    states = {name: b.state for name, b in pool.backends.items()}
+    if not pool.ready:
+        raise APIError(503, f"not ready: {states}", code="not_ready", headers={"Retry-After": "5"})
+    return {"status": "ready", "backends": states}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """The gateway's ``qserve_`` metrics followed by every ready engine's own, labelled by backend."""
+    proxy = _proxy(request)
+    parts, seen = [proxy.metrics.render().decode()], set()
+    for backend in proxy.pool.backends.values():
+        if backend.state != "ready":
+            continue
+        try:
+            resp = await proxy.client.get(f"{backend.url}/metrics", timeout=5.0)
+            if resp.status_code == 200:
+                parts.append(label_exposition(resp.text, backend.model, seen))
+        except Exception:  # noqa: BLE001 - a missing engine scrape must not break the gateway's own
+            proxy.metrics.upstream_errors.labels(backend.model, "metrics").inc()
+    return Response("".join(parts), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,139 @@
+"""The proxy logic behind the OpenAI endpoints: no routing here, only forwarding and accounting."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, AsyncIterator, Optional
+
+import httpx
+
+from serving.backends import Backend, BackendPool
+from serving.errors import APIError
+from serving.metrics import GatewayMetrics
+from serving.protocol import ModelCard, ModelList, _GenerationRequest
+
+DONE = b"data: [DONE]\n\n"
+
+
+class OpenAIProxy:
+    """Forwards validated requests to the backend serving their model and records metrics."""
+
+    def __init__(self, pool: BackendPool, metrics: GatewayMetrics, client: httpx.AsyncClient) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self.client = client
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=b.model, created=b.created, root=b.model, max_model_len=b.max_model_len)
+                               for b in self.pool.backends.values()])
+
+    def _record(self, model: str, endpoint: str, status: int, started: float, usage: Optional[dict]) -> None:
+        m = self.metrics
+        m.requests.labels(model, endpoint, str(status)).inc()
+        m.latency.labels(model, endpoint).observe(time.perf_counter() - started)
+        if usage:
+            m.prompt_tokens.labels(model).inc(usage.get("prompt_tokens") or 0)
+            m.completion_tokens.labels(model).inc(usage.get("completion_tokens") or 0)
+
+    def _upstream_error(self, backend: Backend, exc: httpx.HTTPError) -> APIError:
+        if isinstance(exc, httpx.TimeoutException):
+            self.metrics.upstream_errors.labels(backend.model, "timeout").inc()
+            return APIError(504, f"model {backend.model!r} did not answer in time", code="upstream_timeout")
+        self.metrics.upstream_errors.labels(backend.model, "connection").inc()
+        return APIError(502, f"model {backend.model!r} is unreachable ({type(exc).__name__})",
+                        code="upstream_unreachable")
+
+    @staticmethod
+    def _relay_error(status: int, content: bytes) -> APIError:
+        """An engine's own error, kept as the engine said it, in the gateway's envelope."""
+        try:
+            err = json.loads(content).get("error") or {}
+            message = err.get("message") if isinstance(err, dict) else str(err)
+        except (ValueError, AttributeError):
+            err, message = {}, None
+        return APIError(status, message or content.decode(errors="replace")[:500] or f"engine returned {status}",
+                        param=err.get("param") if isinstance(err, dict) else None,
+                        code=err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else None)
+
+    async def complete(self, endpoint: str, request: _GenerationRequest) -> dict[str, Any]:
+        """A non-streaming request: the engine's JSON answer."""
+        backend = self.pool.get(request.model)
+        started = time.perf_counter()
+        self.metrics.in_flight.labels(request.model).inc()
+        try:
+            resp = await self.client.post(f"{backend.url}{endpoint}", json=request.model_dump(exclude_none=True))
+        except httpx.HTTPError as exc:
+            err = self._upstream_error(backend, exc)
+            self._record(request.model, endpoint, err.status, started, None)
+            raise err from None
+        finally:
+            self.metrics.in_flight.labels(request.model).dec()
+        if resp.status_code != 200:
+            self._record(request.model, endpoint, resp.status_code, started, None)
+            raise self._relay_error(resp.status_code, resp.content)
+        body = resp.json()
+        self._record(request.model, endpoint, 200, started, body.get("usage"))
+        return body
+
+    async def open_stream(self, endpoint: str, request: _GenerationRequest) -> AsyncIterator[bytes]:
+        """Starts a streaming request; errors before the first byte raise, later ones become an error event."""
+        backend = self.pool.get(request.model)
+        wants_usage = bool(request.stream_options and request.stream_options.include_usage)
+        payload = request.model_dump(exclude_none=True)
+        payload["stream_options"] = {**payload.get("stream_options", {}), "include_usage": True}
+        started = time.perf_counter()
+        try:
+            upstream = await self.client.send(
+                self.client.build_request("POST", f"{backend.url}{endpoint}", json=payload), stream=True)
+        except httpx.HTTPError as exc:
+            err = self._upstream_error(backend, exc)
+            self._record(request.model, endpoint, err.status, started, None)
+            raise err from None
+        if upstream.status_code != 200:
+            content = await upstream.aread()
+            await upstream.aclose()
+            self._record(request.model, endpoint, upstream.status_code, started, None)
+            raise self._relay_error(upstream.status_code, content)
+        return self._relay(backend, endpoint, request.model, upstream, started, wants_usage)
+
+    async def _relay(self, backend: Backend, endpoint: str, model: str, upstream: httpx.Response,
+                     started: float, wants_usage: bool) -> AsyncIterator[bytes]:
+        # 499 (client closed request) stands until the stream ends one way or the other.
+        usage, status, first = None, 499, True
+        self.metrics.in_flight.labels(model).inc()
+        try:
+            async for line in upstream.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data.strip() == "[DONE]":
+                    status = 200
+                    break
+                if first:
+                    self.metrics.ttft.labels(model).observe(time.perf_counter() - started)
+                    first = False
+                event = json.loads(data)
+                if event.get("usage"):
+                    usage = event["usage"]
+                    if not wants_usage and not event.get("choices"):
+                        continue  # the usage-only chunk the gateway asked for on its own account
+                    if not wants_usage:
+                        event["usage"] = None
+                        data = json.dumps(event)
+                yield f"data: {data}\n\n".encode()
+            if status != 200:  # the engine closed the stream without its [DONE]
+                status = 502
+                yield APIError(502, "stream interrupted: the engine closed it early", code="upstream_closed").sse()
+        except httpx.HTTPError as exc:
+            err = self._upstream_error(backend, exc)
+            status = err.status
+            yield APIError(err.status, f"stream interrupted: {err.message}", code=err.code).sse()
+        except ValueError:
+            status = 502
+            yield APIError(502, "the engine sent a malformed stream event", code="upstream_malformed").sse()
+        finally:
+            self.metrics.in_flight.labels(model).dec()
+            await upstream.aclose()
+            self._record(model, endpoint, status, started, usage)
+        yield DONE

@@ -1,0 +1,79 @@
+"""An in-process OpenAI-compatible fake engine for the gateway's corner cases (beside the real-vLLM tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from typing import Iterator
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from serving.server import free_port
+
+
+def _chunk(i: int, text: str) -> str:
+    return "data: " + json.dumps({"id": "x", "object": "text_completion",
+                                  "choices": [{"index": 0, "text": text, "finish_reason": None}]}) + "\n\n"
+
+
+def make_fake_engine() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return {}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse("# HELP vllm:prompt_tokens_total x\n# TYPE vllm:prompt_tokens_total counter\n"
+                                 "vllm:prompt_tokens_total{model_name=\"fake\"} 42.0\n")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        prompt = body.get("prompt")
+        if prompt == "ERROR400":
+            return JSONResponse({"error": {"message": "prompt too long", "type": "BadRequestError",
+                                           "param": "prompt", "code": 400}}, status_code=400)
+        if prompt == "SLOW":
+            await asyncio.sleep(5)
+        n = body.get("max_tokens") or 4
+        usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+        if not body.get("stream"):
+            return {"id": "x", "object": "text_completion", "usage": usage,
+                    "choices": [{"index": 0, "text": " tok" * n, "finish_reason": "length"}]}
+
+        async def events():
+            for i in range(n):
+                if prompt == "CRASH" and i == 2:
+                    return  # the engine dies mid-stream: no [DONE]
+                yield _chunk(i, " tok")
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield "data: " + json.dumps({"id": "x", "choices": [], "usage": usage}) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+@contextlib.contextmanager
+def running_fake_engine() -> Iterator[str]:
+    """Serves the fake engine on a free loopback port; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(make_fake_engine(), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

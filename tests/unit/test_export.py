@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+from safetensors import safe_open
+
+from exporters import compressed_tensors as ct
+from exporters.atomic import OutputExistsError, atomic_output_dir
+from exporters.shards import ShardWriter
+from quantize.methods import quantize_weight
+from quantize.schemes import get_scheme
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(3, 8), (5, 576), (7, 13)])
+def test_packed_weights_unpack_with_the_library(bits, shape):
+    torch.manual_seed(bits)
+    q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), shape, dtype=torch.int8)
+    packed = ct.pack_to_int32(q, bits)
+    assert packed.dtype == torch.int32
+    assert torch.equal(unpack_from_int32(packed, bits, torch.Size(shape)), q)
+
+
+def test_layer_tensors_w4a16_layout():
+    scheme = get_scheme("w4a16")
+    qw = quantize_weight(torch.randn(16, 128), scheme.weights)
+    tensors = ct.layer_tensors("model.layers.0.mlp.up_proj", qw, scheme, torch.bfloat16)
+    assert set(tensors) == {"model.layers.0.mlp.up_proj.weight_packed", "model.layers.0.mlp.up_proj.weight_scale",
+                            "model.layers.0.mlp.up_proj.weight_shape"}
+    assert tensors["model.layers.0.mlp.up_proj.weight_packed"].shape == (16, 16)
+    assert tensors["model.layers.0.mlp.up_proj.weight_scale"].shape == (16, 2)
+    assert tensors["model.layers.0.mlp.up_proj.weight_shape"].tolist() == [16, 128]
+
+
+def test_quantization_config_w8a8_is_what_vllm_reads():
+    cfg = ct.quantization_config(get_scheme("w8a8"))
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "int-quantized"
+    group = cfg["config_groups"]["group_0"]
+    assert group["weights"]["strategy"] == "channel" and group["input_activations"]["dynamic"] is True
+    assert group["input_activations"]["strategy"] == "token" and cfg["ignore"] == ["lm_head"]
+    json.dumps(cfg)
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(out) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_refuses_to_overwrite_without_force(tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep").write_text("1")
+    with pytest.raises(OutputExistsError, match="--force"):
+        with atomic_output_dir(out):
+            pass
+    assert (out / "keep").read_text() == "1"
+
+
+def test_shard_writer_splits_and_indexes(tmp_path):
+    writer = ShardWriter(tmp_path, max_shard_bytes=1000)
+    for i in range(5):
+        writer.add({f"t{i}": torch.zeros(100, dtype=torch.float32)})  # 400 bytes each
+    writer.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = sorted({*index["weight_map"].values()})
+    assert len(files) == 3 and files[0].endswith("-of-00003.safetensors")
+    with safe_open(str(tmp_path / index["weight_map"]["t4"]), framework="pt") as f:
+        assert f.get_tensor("t4").shape == (100,)

@@ -1,0 +1,123 @@
+"""The gateway against an in-process fake engine: envelope, streaming relay, failures, metrics."""
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.app import GatewaySettings, build_app
+from serving.backends import Backend
+from tests.fake_backend import running_fake_engine
+
+
+@pytest.fixture(scope="module")
+def engine_url():
+    with running_fake_engine() as url:
+        yield url
+
+
+@pytest.fixture
+def gateway(engine_url):
+    settings = GatewaySettings(backends=[Backend.external("fake", engine_url), Backend.external("dead", "http://127.0.0.1:9")],
+                               request_timeout_s=2.0, log=lambda m: None)
+    with TestClient(build_app(settings)) as client:
+        yield client
+
+
+def _events(resp):
+    return [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
+def _assert_envelope(body, status_type=None):
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    if status_type:
+        assert body["error"]["type"] == status_type
+
+
+def test_models_and_health(gateway):
+    assert gateway.get("/health").json() == {"status": "ok"}
+    assert [m["id"] for m in gateway.get("/v1/models").json()["data"]] == ["fake", "dead"]
+
+
+def test_completion_passes_through(gateway):
+    body = gateway.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 3}).json()
+    assert body["choices"][0]["text"] == " tok tok tok" and body["usage"]["completion_tokens"] == 3
+
+
+def test_unknown_model_is_404_in_the_envelope(gateway):
+    resp = gateway.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
+    assert resp.status_code == 404
+    _assert_envelope(resp.json(), "not_found_error")
+    assert resp.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("payload, param", [({"prompt": "hi"}, "model"),
+                                            ({"model": "fake", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+                                            ({"model": "fake"}, "prompt")])
+def test_invalid_requests_are_400_with_the_param(gateway, payload, param):
+    resp = gateway.post("/v1/completions", json=payload)
+    assert resp.status_code == 400
+    _assert_envelope(resp.json(), "invalid_request_error")
+    assert resp.json()["error"]["param"] == param
+
+
+def test_unknown_route_is_enveloped(gateway):
+    resp = gateway.get("/v1/nothing")
+    assert resp.status_code == 404
+    _assert_envelope(resp.json())
+
+
+def test_engine_error_keeps_its_status_and_message(gateway):
+    resp = gateway.post("/v1/completions", json={"model": "fake", "prompt": "ERROR400"})
+    assert resp.status_code == 400 and resp.json()["error"]["message"] == "prompt too long"
+    _assert_envelope(resp.json())
+
+
+def test_unreachable_engine_is_502(gateway):
+    resp = gateway.post("/v1/completions", json={"model": "dead", "prompt": "hi"})
+    assert resp.status_code == 502
+    _assert_envelope(resp.json(), "upstream_error")
+
+
+def test_engine_timeout_is_504(gateway):
+    resp = gateway.post("/v1/completions", json={"model": "fake", "prompt": "SLOW"})
+    assert resp.status_code == 504
+    _assert_envelope(resp.json(), "timeout_error")
+
+
+def test_stream_ends_with_done_and_hides_usage_not_asked_for(gateway):
+    with gateway.stream("POST", "/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 4, "stream": True}) as resp:
+        events = _events(resp)
+    assert events[-1] == "[DONE]" and len(events) == 5
+    assert all(json.loads(e).get("usage") is None for e in events[:-1])
+
+
+def test_stream_keeps_usage_when_asked(gateway):
+    payload = {"model": "fake", "prompt": "hi", "max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}}
+    with gateway.stream("POST", "/v1/completions", json=payload) as resp:
+        events = _events(resp)
+    assert json.loads(events[-2])["usage"]["completion_tokens"] == 2 and events[-1] == "[DONE]"
+
+
+def test_stream_cut_by_the_engine_ends_with_an_error_event_then_done(gateway):
+    payload = {"model": "fake", "prompt": "CRASH", "max_tokens": 6, "stream": True}
+    with gateway.stream("POST", "/v1/completions", json=payload) as resp:
+        events = _events(resp)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])
+    _assert_envelope(error, "upstream_error")
+    assert "interrupted" in error["error"]["message"]
+
+
+def test_metrics_count_requests_and_merge_engine_metrics(gateway):
+    gateway.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 3})
+    gateway.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
+    text = gateway.get("/metrics").text
+    assert 'qserve_requests_total{endpoint="/v1/completions",model="fake",status="200"} 1.0' in text
+    assert 'qserve_completion_tokens_total{model="fake"} 3.0' in text
+    assert 'vllm:prompt_tokens_total{backend="fake",model_name="fake"} 42.0' in text
+    assert "qserve_upstream_errors_total" in text
+
+
+def test_ready_reflects_backend_state(gateway):
+    assert gateway.get("/ready").status_code == 200
