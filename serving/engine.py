@@ -29,7 +29,7 @@ class EngineConfig:
     log_path: Path
     host: str = "127.0.0.1"
     max_model_len: int = 2048
-    enforce_eager: bool = True
+    enforce_eager: Optional[bool] = None  # None: eager on the CPU build (compile costs ~100 s a start)
     extra_args: tuple[str, ...] = ()
     startup_timeout_s: float = 900.0
 
@@ -38,8 +38,9 @@ class EngineConfig:
                "--model", str(self.model_dir), "--served-model-name", self.served_name,
                "--host", self.host, "--port", str(self.port), "--max-model-len", str(self.max_model_len),
                "--disable-uvicorn-access-log"]
-        if self.enforce_eager:
-            cmd.append("--enforce-eager")  # skips ~100 s of torch.compile per start on CPU
+        eager = _is_cpu_build() if self.enforce_eager is None else self.enforce_eager
+        if eager:
+            cmd.append("--enforce-eager")
         return cmd + list(self.extra_args)
 
 

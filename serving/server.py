@@ -39,7 +39,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, served_name: Optional[str] = None,
-          max_model_len: int = 2048, engine_args: tuple[str, ...] = (), enforce_eager: bool = True,
+          max_model_len: int = 4096, engine_args: tuple[str, ...] = (), enforce_eager: Optional[bool] = None,
           log_dir: Optional[Path] = None, log: Callable[[str], None] = print) -> None:
     """Runs the gateway on ``host:port`` with one vLLM engine for ``model_dir`` until SIGINT/SIGTERM."""
     import uvicorn

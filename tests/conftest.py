@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -16,11 +17,25 @@ def _untracked() -> set[str]:
     return set(out.stdout.splitlines()) if out.returncode == 0 else set()
 
 
+def processes() -> list[tuple[int, int, str]]:
+    """``(pid, pgid, command line)`` of every process, read from /proc (``ps`` may cut long lines)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            found.append((int(entry), os.getpgid(int(entry)), cmdline))
+        except (OSError, ProcessLookupError):
+            continue
+    return found
+
+
 def vllm_processes() -> list[str]:
-    """Command lines of running vLLM servers and reapers (ours or strays)."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line.strip() for line in out.splitlines()
-            if ("vllm.entrypoints" in line or "serving.reaper" in line or "VLLM::EngineCore" in line)]
+    """Command lines of running vLLM servers, engine cores and reapers (ours or strays)."""
+    return [cmd for _, _, cmd in processes()
+            if "vllm.entrypoints" in cmd or "serving.reaper" in cmd or cmd.startswith("VLLM::")]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,22 @@
+# The qserve gateway with the CUDA vLLM engine, for a GPU host.
+#   docker build -t qserve .
+#   docker run --gpus all -p 8000:8000 -v /path/to/checkpoint:/model qserve
+# Extra arguments after the image name replace the default command, e.g.
+#   docker run ... qserve serve /model --host 0.0.0.0 --tensor-parallel-size 2
+FROM vllm/vllm-openai:v0.11.0
+
+WORKDIR /opt/qserve
+COPY pyproject.toml README.md ./
+COPY qserve ./qserve
+COPY quantize ./quantize
+COPY exporters ./exporters
+COPY serving ./serving
+COPY loadtest ./loadtest
+# vLLM, torch and transformers come with the base image; this adds qserve and its small dependencies.
+RUN pip install --no-cache-dir .
+
+ENV HF_HOME=/root/.cache/huggingface
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready')"
+ENTRYPOINT ["qserve"]
+CMD ["serve", "/model", "--host", "0.0.0.0", "--port", "8000"]
