@@ -38,7 +38,8 @@ def measure_variant(name: str, model_dir: Path, port: int, out_dir: Path, window
 
     steps: dict[str, float] = {}
     t = time.perf_counter()
-    with served(model_dir, port, name, out_dir / "logs" / f"gateway-{name}.log") as gw:
+    with served(model_dir, port, name, out_dir / "logs" / f"gateway-{name}.log",
+                log=lambda m: log(f"[{name}] {m}")) as gw:
         steps["serve_start_s"] = time.perf_counter() - t
         log(f"[{name}] gateway ready in {steps['serve_start_s']:.0f} s at {gw.url}")
         t = time.perf_counter()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import httpx
 
@@ -29,10 +29,13 @@ class GatewayProcess:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             cwd=str(Path(__file__).resolve().parent.parent))
 
-    def wait_ready(self, timeout_s: float = 900.0) -> float:
+    def wait_ready(self, timeout_s: float = 900.0, log: Optional[Callable[[str], None]] = None) -> float:
         """Seconds until ``/ready`` answered 200; raises with the log's tail if the gateway exits first."""
-        start = time.monotonic()
+        start = next_note = time.monotonic()
         while time.monotonic() - start < timeout_s:
+            if log and time.monotonic() >= next_note:
+                log(f"waiting for {self.url}/ready ({time.monotonic() - start:.0f} s; log: {self.log_path})")
+                next_note += 15.0
             if self.process.poll() is not None:
                 raise RuntimeError(f"qserve serve exited with {self.process.returncode}:\n"
                                    f"{log_tail(self.log_path)}\nfull log: {self.log_path}")
@@ -55,11 +58,12 @@ class GatewayProcess:
 
 
 @contextlib.contextmanager
-def served(model_dir: Path, port: int, name: str, log_path: Path, extra: tuple[str, ...] = ()) -> Iterator[GatewayProcess]:
+def served(model_dir: Path, port: int, name: str, log_path: Path, extra: tuple[str, ...] = (),
+           log: Optional[Callable[[str], None]] = None) -> Iterator[GatewayProcess]:
     """A ready gateway for ``model_dir`` for the duration of the block; stopped afterwards, whatever happens."""
     gateway = GatewayProcess(model_dir, port, name, log_path, extra)
     try:
-        gateway.wait_ready()
+        gateway.wait_ready(log=log)
         yield gateway
     finally:
         gateway.stop()

@@ -17,20 +17,22 @@ import time
 GRACE_SECONDS = 10.0
 
 
-def _kill_group(pgid: int, grace: float = GRACE_SECONDS) -> None:
+def _kill_group(child: subprocess.Popen, grace: float = GRACE_SECONDS) -> None:
+    """SIGTERM to the child's process group, SIGKILL to whatever is left of it after ``grace`` seconds."""
     try:
-        os.killpg(pgid, signal.SIGTERM)
+        os.killpg(child.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
+        child.poll()  # reap the child: a zombie still counts as a member of its group
         try:
-            os.killpg(pgid, 0)
+            os.killpg(child.pid, 0)
         except ProcessLookupError:
             return
         time.sleep(0.1)
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(child.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 
@@ -52,10 +54,10 @@ def main(argv: list[str]) -> int:
     while True:
         code = child.poll()
         if code is not None:
-            _kill_group(child.pid, grace=2.0)  # helpers the command left behind
+            _kill_group(child, grace=2.0)  # helpers the command left behind
             return code
         if stopping or os.getppid() != parent:
-            _kill_group(child.pid)
+            _kill_group(child)
             child.wait()
             return 0 if stopping else 1
         time.sleep(0.2)

@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 def _process_groups_of(marker: str) -> set[int]:
     """Process groups of vLLM servers whose command line mentions ``marker`` (a unique model path)."""
-    return {pgid for _, pgid, cmd in processes() if "vllm.entrypoints" in cmd and marker in cmd}
+    return {pgid for _, pgid, cmd in processes()
+            if "vllm.entrypoints" in cmd and marker in cmd and "serving.reaper" not in cmd}
 
 
 def _alive_in(groups: set[int]) -> list[str]:
