@@ -57,7 +57,7 @@ def measure_variant(name: str, model_dir: Path, port: int, out_dir: Path, window
             "size_mib": _size_mib(model_dir), "steps": steps, "perplexity_detail": ppl, "loadtest": load}
 
 
-def run_demo(out_dir: Path, schemes: tuple[str, ...] = ("w8a8",), model: str = "smollm2-135m",
+def run_demo(out_dir: Path, schemes: tuple[str, ...] = ("w8a8", "w4a16"), model: str = "smollm2-135m",
              port: int = 8300, windows: int = 20, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs the whole chain and writes ``demo.md`` and ``demo.json`` under ``out_dir``."""
     from exporters.models import prepare_model

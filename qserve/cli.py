@@ -157,7 +157,7 @@ def evaluate(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatib
 @app.command()
 @user_errors
 def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Where the report goes."),
-         scheme: List[str] = typer.Option(["w8a8"], help="Schemes to compare with bf16 (repeatable)."),
+         scheme: List[str] = typer.Option(["w8a8", "w4a16"], help="Schemes to compare with bf16 (repeatable)."),
          port: int = typer.Option(8300, help="Gateway port used for each variant in turn."),
          windows: int = typer.Option(20, help="Perplexity windows of 2048 tokens.")) -> None:
     """Run the whole chain on the demo model and print the bf16-vs-quantized table."""

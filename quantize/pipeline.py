@@ -19,6 +19,7 @@ import torch
 
 from exporters import compressed_tensors
 from exporters.atomic import atomic_output_dir
+from exporters.models import ModelError
 from exporters.shards import ShardWriter
 from quantize.methods import check_method, quantize_weight
 from quantize.schemes import Scheme, SchemeError
@@ -79,7 +80,7 @@ def _is_ignored(name: str, ignore: tuple[str, ...]) -> bool:
 def weight_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise SchemeError(f"{model_dir} has no .safetensors weights; convert the checkpoint to safetensors first")
+        raise ModelError(f"{model_dir} has no .safetensors weights; convert the checkpoint to safetensors first")
     return files
 
 
