@@ -46,15 +46,21 @@ def make_prompts(spec: LoadSpec, count: int) -> list[str]:
 
 
 async def _run_phase(client: httpx.AsyncClient, url: str, model: str, prompts: list[str], max_tokens: int,
-                     concurrency: int) -> tuple[list[RequestRecord], float]:
+                     concurrency: int, desc: Optional[str] = None) -> tuple[list[RequestRecord], float]:
+    from tqdm import tqdm
+
     sem = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(prompts), desc=desc, unit="req", disable=desc is None, leave=False)
 
     async def one(prompt: str) -> RequestRecord:
         async with sem:
-            return await timed_completion(client, url, model, prompt, max_tokens)
+            record = await timed_completion(client, url, model, prompt, max_tokens)
+            bar.update(1)
+            return record
 
     start = time.perf_counter()
     records = await asyncio.gather(*(one(p) for p in prompts))
+    bar.close()
     return list(records), time.perf_counter() - start
 
 
@@ -74,7 +80,8 @@ def _phase_figures(records: list[RequestRecord], wall: float) -> dict[str, Any]:
     }
 
 
-async def _run(url: str, model: Optional[str], spec: LoadSpec, log: Callable[[str], None]) -> dict[str, Any]:
+async def _run(url: str, model: Optional[str], spec: LoadSpec, log: Callable[[str], None],
+               progress: bool) -> dict[str, Any]:
     url = url.rstrip("/").removesuffix("/v1")
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0),
                                  limits=httpx.Limits(max_connections=None)) as client:
@@ -82,12 +89,14 @@ async def _run(url: str, model: Optional[str], spec: LoadSpec, log: Callable[[st
         prompts = make_prompts(spec, spec.prefill_requests + spec.num_requests + 2)
         await _run_phase(client, url, model, prompts[:1], 4, 1)  # warm-up, not counted
         log(f"prefill phase: {spec.prefill_requests} single-stream requests, max_tokens=1")
-        pre, pre_wall = await _run_phase(client, url, model, prompts[2:2 + spec.prefill_requests], 1, 1)
+        pre, pre_wall = await _run_phase(client, url, model, prompts[2:2 + spec.prefill_requests], 1, 1,
+                                         "prefill" if progress else None)
         log(f"decode phase: 1 stream, {spec.output_len} tokens")
-        single, single_wall = await _run_phase(client, url, model, prompts[1:2], spec.output_len, 1)
+        single, single_wall = await _run_phase(client, url, model, prompts[1:2], spec.output_len, 1,
+                                               "decode" if progress else None)
         log(f"load phase: {spec.num_requests} requests at concurrency {spec.concurrency}")
         load, load_wall = await _run_phase(client, url, model, prompts[2 + spec.prefill_requests:],
-                                           spec.output_len, spec.concurrency)
+                                           spec.output_len, spec.concurrency, "load" if progress else None)
     pre_ok = [r for r in pre if r.ok]
     prefill_tok_s = sum(r.prompt_tokens for r in pre_ok) / sum(r.ttft for r in pre_ok) if pre_ok else None
     single_fig, load_fig = _phase_figures(single, single_wall), _phase_figures(load, load_wall)
@@ -100,6 +109,6 @@ async def _run(url: str, model: Optional[str], spec: LoadSpec, log: Callable[[st
 
 
 def run_loadtest(url: str, model: Optional[str] = None, spec: LoadSpec = LoadSpec(),
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+                 log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
     """Measures prefill tok/s, single-stream decode tok/s and a concurrent load; returns the report dict."""
-    return asyncio.run(_run(url, model, spec, log))
+    return asyncio.run(_run(url, model, spec, log, progress))

@@ -101,7 +101,7 @@ def serve(ctx: typer.Context,
           enforce_eager: Optional[bool] = typer.Option(
               None, "--enforce-eager/--compile",
               help="Skip torch.compile and CUDA graphs. Default: eager on the CPU engine (starts in ~30 s, not ~3 min)."),
-          log_dir: Optional[Path] = typer.Option(None, help="Where vLLM's log goes (default ~/.cache/qserve/logs).")) -> None:
+          log_dir: Optional[Path] = typer.Option(None, help="Where vLLM's log goes (default $QSERVE_CACHE/logs, i.e. ~/.cache/qserve/logs).")) -> None:
     """Serve a checkpoint on vLLM behind the OpenAI-compatible gateway. Extra arguments go to vLLM."""
     from exporters.models import resolve_model
     from serving.server import serve as run_server

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from exporters.models import cache_root
 from serving.app import GatewaySettings, build_app
 from serving.backends import Backend
 from serving.engine import EngineConfig
@@ -46,7 +47,7 @@ def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, served_nam
 
     sock = bind_socket(host, port)
     name = served_name or model_dir.name
-    log_dir = log_dir or Path.home() / ".cache" / "qserve" / "logs"
+    log_dir = log_dir or cache_root() / "logs"
     engine = EngineConfig(model_dir=model_dir, served_name=name, port=free_port(), max_model_len=max_model_len,
                           enforce_eager=enforce_eager, extra_args=tuple(engine_args),
                           log_path=log_dir / f"vllm-{name}-{time.strftime('%Y%m%d-%H%M%S')}.log")

@@ -84,7 +84,8 @@ def test_w8a8_perplexity_within_10_percent_of_bf16(bf16_gateway, w8a8_gateway, d
 
 def test_loadtest_against_the_gateway(w8a8_gateway):
     report = run_loadtest(w8a8_gateway.url, "w8a8", LoadSpec(input_len=128, output_len=16, concurrency=4,
-                                                             num_requests=8, prefill_requests=2), log=lambda m: None)
+                                                             num_requests=8, prefill_requests=2), log=lambda m: None,
+                          progress=False)
     load = report["phases"]["load"]
     assert load["errors"] == 0 and load["requests"] == 8
     assert report["prefill_tok_s"] > 0 and report["decode_tok_s"] > 0

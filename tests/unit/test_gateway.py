@@ -121,3 +121,34 @@ def test_metrics_count_requests_and_merge_engine_metrics(gateway):
 
 def test_ready_reflects_backend_state(gateway):
     assert gateway.get("/ready").status_code == 200
+
+
+def test_loadtest_through_the_gateway_counts_tokens_from_usage(engine_url):
+    """The load generator against the real gateway (uvicorn) in front of the fake engine."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from loadtest.runner import LoadSpec, run_loadtest
+    from serving.server import free_port
+
+    port = free_port()
+    app = build_app(GatewaySettings(backends=[Backend.external("fake", engine_url)], log=lambda m: None))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        report = run_loadtest(f"http://127.0.0.1:{port}/v1", "fake",
+                              LoadSpec(input_len=16, output_len=4, concurrency=2, num_requests=4, prefill_requests=2),
+                              log=lambda m: None, progress=False)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    load = report["phases"]["load"]
+    assert load["errors"] == 0 and load["requests"] == 4
+    assert load["output_tok_s"] > 0 and report["decode_tok_s"] > 0
+    assert report["phases"]["prefill"]["mean_prompt_tokens"] == 3  # the fake engine's usage, not a guess
+    assert all(v is not None for v in load["itl_s"].values())
