@@ -12,7 +12,7 @@ import asyncio
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import httpx
 

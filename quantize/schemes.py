@@ -8,7 +8,7 @@ without translation tables.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 Strategy = Literal["tensor", "channel", "group", "token"]
