@@ -32,19 +32,19 @@ def processes() -> list[tuple[int, int, str]]:
     return found
 
 
-def vllm_processes() -> list[str]:
-    """Command lines of running vLLM servers, engine cores and reapers (ours or strays)."""
-    return [cmd for _, _, cmd in processes()
-            if "vllm.entrypoints" in cmd or "serving.reaper" in cmd or cmd.startswith("VLLM::")]
+def vllm_processes() -> dict[int, str]:
+    """``pid -> command line`` of running vLLM servers, engine cores and reapers."""
+    return {pid: cmd for pid, _, cmd in processes()
+            if "vllm.entrypoints" in cmd or "serving.reaper" in cmd or cmd.startswith("VLLM::")}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leftovers():
     """Fails the session when tests leave files in the checkout or vLLM processes running."""
-    before = _untracked()
+    before, engines_before = _untracked(), vllm_processes()
     yield
     added = _untracked() - before
-    stray = vllm_processes()
+    stray = [cmd for pid, cmd in vllm_processes().items() if pid not in engines_before]
     problems = []
     if added:
         problems.append(f"tests left files in the checkout: {sorted(added)[:10]}")
