@@ -25,9 +25,11 @@ def layer_tensors(prefix: str, qw: QuantizedWeight, scheme: Scheme, dtype: torch
     """The stored tensors of one quantized linear layer named ``prefix`` (without ``.weight``)."""
     args = qw.args
     out: dict[str, torch.Tensor] = {f"{prefix}.weight_scale": qw.scale.to(dtype)}
-    if not args.symmetric:
-        out[f"{prefix}.weight_zero_point"] = qw.zero.to(torch.int8 if args.num_bits == 8 else torch.int32)
-    if format_for(scheme) == "int-quantized":
+    packed = format_for(scheme) == "pack-quantized"
+    if not args.symmetric:  # pack-quantized packs zero points too, along the output dimension
+        zero = qw.zero.to(torch.int8)
+        out[f"{prefix}.weight_zero_point"] = pack_to_int32(zero, args.num_bits, packed_dim=0) if packed else zero
+    if not packed:
         out[f"{prefix}.weight"] = qw.q.to(torch.int8)
     else:
         out[f"{prefix}.weight_packed"] = pack_to_int32(qw.q.to(torch.int8), args.num_bits)

@@ -26,13 +26,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from exporters.atomic import OutputExistsError
     from exporters.models import ModelError
     from loadtest.client import EndpointError
+    from quantize.calibration import CalibrationError
     from quantize.methods import MethodError
     from quantize.schemes import SchemeError
     from serving.engine import EngineStartError
     from serving.server import ServeError
 
-    return (OutputExistsError, ModelError, EndpointError, MethodError, SchemeError, EngineStartError,
-            ServeError, FileNotFoundError)
+    return (OutputExistsError, ModelError, EndpointError, MethodError, SchemeError, CalibrationError,
+            EngineStartError, ServeError, FileNotFoundError)
 
 
 def user_errors(fn: F) -> F:
@@ -75,19 +76,39 @@ def models_prepare(name: str = typer.Argument("smollm2-135m", help="Demo model n
 @user_errors
 def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id, or demo model name."),
              scheme: str = typer.Option("w8a8", help="Scheme preset: w8a8, w8a16, w4a16."),
-             method: str = typer.Option("rtn", help="Quantization method: rtn."),
+             method: str = typer.Option("rtn", help="rtn, gptq, awq, smoothquant, or joined with '+' "
+                                                    "(smoothquant+gptq, awq+gptq)."),
              output: Path = typer.Option(..., "--output", "-o", help="Output checkpoint directory."),
              group_size: Optional[int] = typer.Option(None, help="Weight group size (overrides the preset)."),
+             asymmetric: bool = typer.Option(False, "--asym", help="Asymmetric weights (with a zero point)."),
+             observer: str = typer.Option("minmax", help="Weight range: minmax, or mse (clipping search)."),
+             calib_file: Optional[Path] = typer.Option(None, help="Calibration text or JSONL "
+                                                                  "(default: shared WikiText-2 validation)."),
+             num_samples: int = typer.Option(128, help="Calibration samples."),
+             calib_seq_len: int = typer.Option(512, help="Tokens per calibration sample."),
+             seed: int = typer.Option(0, help="Seed for choosing calibration windows."),
+             smoothquant_alpha: float = typer.Option(0.5, help="SmoothQuant migration strength."),
+             actorder: bool = typer.Option(False, help="GPTQ activation ordering (with static groups)."),
+             dampening: float = typer.Option(0.01, help="GPTQ dampening (raised automatically if needed)."),
              force: bool = typer.Option(False, help="Overwrite an existing output directory.")) -> None:
     """Quantize a checkpoint and write it in the compressed-tensors layout vLLM loads."""
+    from dataclasses import replace
+
     from exporters.models import resolve_model
-    from quantize.methods import check_method
-    from quantize.pipeline import quantize_checkpoint
-    from quantize.schemes import get_scheme
+    from quantize.calibration import CalibrationSpec
+    from quantize.gptq import GPTQConfig
+    from quantize.methods import parse_recipe
+    from quantize.pipeline import QuantizeOptions, quantize_checkpoint
+    from quantize.schemes import QuantArgs, get_scheme
 
     chosen = get_scheme(scheme, group_size)  # validate names before resolving (and downloading) a model
-    check_method(method)
-    quantize_checkpoint(resolve_model(model), chosen, method, output, force=force, log=typer.echo)
+    chosen = replace(chosen, weights=QuantArgs(**{**chosen.weights.to_dict(), "symmetric": not asymmetric,
+                                                  "observer": observer}))
+    parse_recipe(method)
+    options = QuantizeOptions(
+        calibration=CalibrationSpec(num_samples=num_samples, seq_len=calib_seq_len, seed=seed, path=calib_file),
+        smoothquant_alpha=smoothquant_alpha, gptq=GPTQConfig(actorder=actorder, dampening=dampening))
+    quantize_checkpoint(resolve_model(model), chosen, method, output, force=force, log=typer.echo, options=options)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

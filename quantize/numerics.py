@@ -27,10 +27,16 @@ def _grouped(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 
 
 def compute_qparams(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min/max scale and zero point per channel or group, as float32 and int32 ``[out, n_groups]``."""
+    """Scale and zero point per channel or group (float32, int32 ``[out, n_groups]``) by the args' observer."""
     g = _grouped(w.float(), args)
-    lo = g.amin(dim=-1).clamp(max=0)
-    hi = g.amax(dim=-1).clamp(min=0)
+    lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
+    if args.observer == "mse":
+        return _mse_qparams(g, lo, hi, args)
+    return _range_qparams(lo, hi, args)
+
+
+def _range_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map ``[lo, hi]`` onto the integer grid."""
     if args.symmetric:
         scale = torch.maximum(-lo, hi) / args.qmax
         zero = torch.zeros_like(scale, dtype=torch.int32)
@@ -39,6 +45,23 @@ def compute_qparams(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, tor
         zero = (args.qmin - torch.round(lo / scale.clamp(min=1e-12))).clamp(args.qmin, args.qmax).int()
     scale = scale.clamp(min=torch.finfo(torch.float32).tiny * 1e6)  # all-zero rows stay finite
     return scale, zero
+
+
+def _mse_qparams(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs,
+                 steps: int = 50, max_shrink: float = 0.8, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrinks the range per channel/group while that lowers the ``|w - q(w)|^norm`` error (a clipping search)."""
+    best_err = torch.full(lo.shape, float("inf"))
+    best_scale, best_zero = _range_qparams(lo, hi, args)
+    for i in range(steps):
+        shrink = 1.0 - max_shrink * i / steps
+        scale, zero = _range_qparams(lo * shrink, hi * shrink, args)
+        q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), args.qmin, args.qmax)
+        err = ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - g).abs().pow(norm).sum(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> torch.Tensor:

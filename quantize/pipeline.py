@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -21,7 +21,10 @@ from exporters import compressed_tensors
 from exporters.atomic import atomic_output_dir
 from exporters.models import ModelError
 from exporters.shards import ShardWriter
-from quantize.methods import check_method, quantize_weight
+from quantize.calibration import CalibrationSpec, load_calibration
+from quantize.gptq import GPTQConfig
+from quantize.methods import Recipe, parse_recipe, quantize_weight
+from quantize.report import write_layer_report
 from quantize.schemes import Scheme, SchemeError
 
 # Files a checkpoint carries besides its weights and config, copied as they are.
@@ -43,6 +46,7 @@ class QuantizeReport:
     source_size_bytes: int
     source_sha256: str
     skipped: list[str] = field(default_factory=list)
+    calibration: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__, qserve_version=_version())
@@ -57,14 +61,13 @@ def _version() -> str:
         return "unknown"
 
 
-def linear_layer_names(model_dir: Path) -> list[str]:
-    """Names of the ``nn.Linear`` modules of the architecture in ``model_dir`` (built on the meta device)."""
+def meta_model(model_dir: Path) -> torch.nn.Module:
+    """The architecture in ``model_dir``, built on the meta device: module names and shapes, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
+        return AutoModelForCausalLM.from_config(config)
 
 
 def _is_ignored(name: str, ignore: tuple[str, ...]) -> bool:
@@ -129,33 +132,112 @@ def _sha256_files(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: Path, force: bool = False,
-                        progress: bool = True, log: Callable[[str], None] = print) -> QuantizeReport:
-    """Quantizes the linear layers of ``model_dir`` and writes a compressed-tensors checkpoint to ``out_dir``."""
+def _layer_loader(files: list[Path], layer_prefix: str = "model.layers.") -> Callable[[int], dict[str, torch.Tensor]]:
+    """``load(i)``: the tensors of decoder layer ``i`` read from disk; ``load(-1)``: everything outside the layers."""
+    from safetensors import safe_open
+
+    def load(index: int) -> dict[str, torch.Tensor]:
+        prefix = f"{layer_prefix}{index}."
+        out = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    inside = key.startswith(layer_prefix)
+                    if (index < 0 and not inside) or (index >= 0 and key.startswith(prefix)):
+                        out[key] = f.get_tensor(key)
+        return out
+
+    return load
+
+
+def _write_streamed(files: list[Path], targets: dict[str, str], scheme: Scheme, recipe: Recipe,
+                    writer: ShardWriter, progress: bool) -> list[dict]:
+    """Round-to-nearest needs no data: each tensor is read, quantized if targeted, written, freed."""
     from tqdm import tqdm
 
+    with tqdm(desc=f"quantize {scheme.name}/{recipe.name}", unit="tensor", disable=not progress) as bar:
+        for key, tensor in _iter_tensors(files):
+            if key in targets:
+                qw = quantize_weight(tensor, scheme.weights, recipe.quantizer)
+                writer.add(compressed_tensors.layer_tensors(targets[key], qw, scheme, tensor.dtype))
+            else:
+                writer.add({key: tensor})
+            bar.update(1)
+    return []
+
+
+def _write_calibrated(model_dir: Path, files: list[Path], targets: dict[str, str], scheme: Scheme, recipe: Recipe,
+                      writer: ShardWriter, samples: torch.Tensor, options: "QuantizeOptions", progress: bool,
+                      log: Callable[[str], None]) -> list[dict]:
+    """Transforms and calibrated quantizers: one decoder layer at a time (see ``quantize.layerwise``)."""
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+    from transformers import AutoConfig
+
+    from quantize.layerwise import calibrated_layers
+
+    config = AutoConfig.from_pretrained(model_dir)
+    load = _layer_loader(files)
+    outside = load(-1)
+    dtype = outside["model.embed_tokens.weight"].dtype
+    writer.add(outside)
+    del outside
+    reports = []
+    layers = calibrated_layers(model_dir, load, config, samples, scheme, recipe,
+                               is_target=lambda name: f"{name}.weight" in targets, alpha=options.smoothquant_alpha,
+                               gptq_config=options.gptq)
+    for index, floats, quantized, report in tqdm(layers, total=config.num_hidden_layers, disable=not progress,
+                                                 desc=f"quantize {scheme.name}/{recipe.name}", unit="layer"):
+        writer.add(floats)
+        for name, qw in quantized.items():
+            writer.add(compressed_tensors.layer_tensors(name, qw, scheme, dtype))
+        reports.append(asdict(report))
+    return reports
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Knobs of the calibrated methods; the defaults are the usual ones."""
+
+    calibration: CalibrationSpec = CalibrationSpec()
+    smoothquant_alpha: float = 0.5
+    gptq: GPTQConfig = GPTQConfig()
+
+
+def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: Path, force: bool = False,
+                        progress: bool = True, log: Callable[[str], None] = print,
+                        options: QuantizeOptions = QuantizeOptions()) -> QuantizeReport:
+    """Quantizes the linear layers of ``model_dir`` with ``method`` and writes a compressed-tensors checkpoint."""
     start = time.perf_counter()
-    check_method(method)
+    recipe = parse_recipe(method)
     files = weight_files(model_dir)
     shapes = _tensor_shapes(files)
-    linear = linear_layer_names(model_dir)
+    model = meta_model(model_dir)
+    linear = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
     targets = [n for n in linear if not _is_ignored(n, scheme.ignore) and f"{n}.weight" in shapes]
     skipped = [n for n in linear if n not in targets]
     check_group_fit(scheme, targets, shapes)
+    calibration_report = None
+    if recipe.needs_calibration:
+        from transformers import AutoTokenizer
+
+        from quantize.layerwise import check_mappings
+
+        check_mappings(model.model.layers[0], recipe)
+        samples, calibration_report = load_calibration(options.calibration, AutoTokenizer.from_pretrained(model_dir))
+        log(f"calibrating on {samples.shape[0]} x {samples.shape[1]} tokens of {calibration_report['file']}")
+    del model
     target_weights = {f"{n}.weight": n for n in targets}
     config = json.loads((model_dir / "config.json").read_text())
 
     with atomic_output_dir(out_dir, force=force) as tmp:
         writer = ShardWriter(tmp)
-        bar = tqdm(total=len(shapes), desc=f"quantize {scheme.name}/{method}", unit="tensor", disable=not progress)
-        for key, tensor in _iter_tensors(files):
-            if key in target_weights:
-                qw = quantize_weight(tensor, scheme.weights, method)
-                writer.add(compressed_tensors.layer_tensors(target_weights[key], qw, scheme, tensor.dtype))
-            else:
-                writer.add({key: tensor})
-            bar.update(1)
-        bar.close()
+        if recipe.needs_calibration:
+            layer_reports = _write_calibrated(model_dir, files, target_weights, scheme, recipe, writer, samples,
+                                              options, progress, log)
+        else:
+            layer_reports = _write_streamed(files, target_weights, scheme, recipe, writer, progress)
         writer.close()
         for name in AUX_FILES:
             if (model_dir / name).exists():
@@ -163,11 +245,13 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
         config["quantization_config"] = compressed_tensors.quantization_config(scheme)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         report = QuantizeReport(
-            source=str(model_dir), output=str(out_dir), scheme=scheme.to_dict(), method=method,
+            source=str(model_dir), output=str(out_dir), scheme=scheme.to_dict(), method=recipe.name,
             quantized_layers=len(targets), seconds=round(time.perf_counter() - start, 2),
             size_bytes=writer.total_bytes, source_size_bytes=sum(p.stat().st_size for p in files),
-            source_sha256=_sha256_files(files), skipped=skipped)
+            source_sha256=_sha256_files(files), skipped=skipped, calibration=calibration_report)
         (tmp / "qserve.json").write_text(json.dumps(report.to_dict(), indent=2))
-    log(f"wrote {out_dir}: {len(targets)} layers {scheme.name}/{method}, "
+        if layer_reports:
+            write_layer_report(tmp, layer_reports)
+    log(f"wrote {out_dir}: {len(targets)} layers {scheme.name}/{recipe.name}, "
         f"{report.size_bytes / 2**20:.1f} MiB (source {report.source_size_bytes / 2**20:.1f} MiB), {report.seconds:.1f} s")
     return report

@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 
 Strategy = Literal["tensor", "channel", "group", "token"]
 NumType = Literal["int", "float"]
+Observer = Literal["minmax", "mse"]
 
 
 class SchemeError(ValueError):
@@ -29,8 +30,11 @@ class QuantArgs:
     strategy: Strategy = "channel"
     group_size: Optional[int] = None
     dynamic: bool = False
+    observer: Observer = "minmax"
 
     def __post_init__(self) -> None:
+        if self.observer not in ("minmax", "mse"):
+            raise SchemeError(f"unknown observer {self.observer!r}; choose minmax or mse")
         if self.strategy == "group" and not self.group_size:
             raise SchemeError("strategy 'group' needs a group_size (e.g. 64 or 128)")
         if self.strategy != "group" and self.group_size is not None:

@@ -79,3 +79,106 @@ def test_failure_midway_leaves_no_output(tiny, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         quantize_checkpoint(tiny, get_scheme("w8a8"), "rtn", tmp_path / "out", progress=False, log=lambda m: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def _add_tokenizer(path, vocab_size: int = 300):
+    """A small byte-level BPE tokenizer trained on the shared text, saved beside the tiny model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from loadtest.data import data_file
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([data_file("wikitext2-valid.tokens").read_text(encoding="utf-8")[:100_000]], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-tok") / "model"
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=300, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    _add_tokenizer(path)
+    return path
+
+
+def _logits(model_dir, state=None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if state is not None:
+        model.load_state_dict(state, strict=False)
+    torch.manual_seed(5)
+    return model(torch.randint(0, 300, (2, 32))).logits
+
+
+@pytest.mark.parametrize("scheme, method", [("w4a16", "gptq"), ("w4a16", "awq"), ("w8a8", "smoothquant+gptq"),
+                                            ("w8a8", "smoothquant")])
+def test_calibrated_recipes(tiny_with_tokenizer, tmp_path, scheme, method):
+    from exporters.dequantize import dequantized_state_dict
+    from quantize.calibration import CalibrationSpec
+    from quantize.pipeline import QuantizeOptions
+
+    options = QuantizeOptions(calibration=CalibrationSpec(num_samples=8, seq_len=64))
+    out = tmp_path / "out"
+    report = quantize_checkpoint(tiny_with_tokenizer, get_scheme(scheme), method, out, progress=False,
+                                 log=lambda m: None, options=options)
+    assert report.method.startswith(method.split("+")[0]) and report.calibration["num_samples"] == 8
+    assert len(report.calibration["window_starts"]) == 8
+    layers = json.loads((out / "quantization_report.json").read_text())["layers"]
+    assert [layer["index"] for layer in layers] == [0, 1]
+    assert all(cos > 0.9 for layer in layers for cos in layer["output_cosine"].values())
+    if "gptq" in method:
+        assert all(layer["dampening"] for layer in layers)
+    assert (out / "quantization_report.md").read_text().count("\n|") >= 14
+    # the transformed, quantized model still computes nearly the float model's function
+    ref, got = _logits(tiny_with_tokenizer), _logits(tiny_with_tokenizer, dequantized_state_dict(out))
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.95
+
+
+def test_calibration_text_too_short_fails_before_any_work(tiny_with_tokenizer, tmp_path):
+    from quantize.calibration import CalibrationError, CalibrationSpec
+    from quantize.pipeline import QuantizeOptions
+
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    options = QuantizeOptions(calibration=CalibrationSpec(num_samples=4, seq_len=64, path=short))
+    with pytest.raises(CalibrationError, match="fewer samples"):
+        quantize_checkpoint(tiny_with_tokenizer, get_scheme("w4a16"), "gptq", tmp_path / "out", progress=False,
+                            log=lambda m: None, options=options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_jsonl_calibration_names_the_bad_line(tiny_with_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    from quantize.calibration import CalibrationError, CalibrationSpec, load_calibration
+
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(CalibrationError, match=r"calib.jsonl:2: .*'text'"):
+        load_calibration(CalibrationSpec(path=bad), AutoTokenizer.from_pretrained(tiny_with_tokenizer))
+
+
+def test_asymmetric_w4a16_zero_points_round_trip(tiny, tmp_path):
+    from dataclasses import replace
+
+    from exporters.dequantize import dequantized_state_dict
+
+    scheme = get_scheme("w4a16")
+    scheme = replace(scheme, weights=replace(scheme.weights, symmetric=False))
+    quantize_checkpoint(tiny, scheme, "rtn", tmp_path / "out", progress=False, log=lambda m: None)
+    name = "model.layers.0.mlp.down_proj"
+    stored = _tensors(tmp_path / "out")
+    assert stored[f"{name}.weight_zero_point"].dtype == torch.int32
+    assert stored[f"{name}.weight_zero_point"].shape == (128 // 8, 256 // 64)  # packed along the outputs
+    weight = _tensors(tiny)[f"{name}.weight"].float()
+    decoded = dequantized_state_dict(tmp_path / "out")[f"{name}.weight"]
+    scale = stored[f"{name}.weight_scale"].float().repeat_interleave(64, dim=1)
+    assert (decoded - weight).abs().max() <= scale.max() * 0.51 + 1e-3

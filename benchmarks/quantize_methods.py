@@ -1,0 +1,122 @@
+"""Quantizes the demo model with each recipe and prints wall time, peak RSS and WikiText-2 perplexity.
+
+    .venv/bin/python benchmarks/quantize_methods.py [--samples 128] [--seq-len 512] [--windows 20] [--only gptq ...]
+
+Each quantization runs in a child process so its peak RSS is its own. Perplexity is computed with
+transformers on the decoded (fake-quant) weights over ``--windows`` x 2048 tokens of the shared test
+text; for W8A8 the linear inputs are also fake-quantized per token, as vLLM's dynamic int8 kernels do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RECIPES = [("w4a16", "rtn", {}), ("w4a16", "gptq", {}), ("w4a16", "awq", {}), ("w4a16", "awq+gptq", {}),
+           ("w4a16", "rtn", {"symmetric": False}), ("w4a16", "gptq", {"symmetric": False}),
+           ("w4a16", "awq", {"symmetric": False}),
+           ("w8a8", "rtn", {}), ("w8a8", "smoothquant", {}), ("w8a8", "gptq", {}), ("w8a8", "smoothquant+gptq", {})]
+
+CHILD = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+from dataclasses import replace
+from pathlib import Path
+from quantize.calibration import CalibrationSpec
+from quantize.pipeline import QuantizeOptions, quantize_checkpoint
+from quantize.schemes import get_scheme
+scheme = get_scheme({scheme!r})
+scheme = replace(scheme, weights=replace(scheme.weights, **{weight_overrides!r}))
+opts = QuantizeOptions(calibration=CalibrationSpec(num_samples={samples}, seq_len={seq_len}))
+quantize_checkpoint(Path({model!r}), scheme, {method!r}, Path({out!r}), force=True, progress=False, options=opts,
+                    log=lambda m: None)
+"""
+
+
+def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from exporters.dequantize import dequantized_state_dict
+    from loadtest.data import data_file
+    from loadtest.perplexity import make_windows
+    from quantize import numerics
+    from quantize.schemes import QuantArgs
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if ckpt is not None:
+        missing, _ = model.load_state_dict(dequantized_state_dict(ckpt), strict=False)
+        assert all("lm_head" in m for m in missing), missing
+        model.tie_weights()
+    if act_quant:
+        per_token = QuantArgs(num_bits=8, strategy="channel")
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+                module.register_forward_pre_hook(
+                    lambda _m, inp: (numerics.fake_quantize(inp[0].reshape(-1, inp[0].shape[-1]), per_token)
+                                     .reshape(inp[0].shape),))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(data_file("wikitext2-test.raw").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for window in make_windows(ids, 2048, windows):
+            x = torch.tensor([window])
+            logits = model(x).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
+            count += len(window) - 1
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=20)
+    parser.add_argument("--only", nargs="*", help="recipes to run, e.g. gptq smoothquant+gptq")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+
+    from exporters.models import prepare_model
+
+    model = prepare_model("smollm2-135m")
+    rows = [{"scheme": "bf16", "method": "-", "wall_s": None, "peak_rss_mib": None,
+             "perplexity": perplexity(model, None, args.windows, False)}]
+    print(f"bf16: ppl {rows[0]['perplexity']:.3f}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for scheme, method, overrides in RECIPES:
+            if args.only and method not in args.only:
+                continue
+            label = f"{scheme}{'-asym' if overrides.get('symmetric') is False else ''}"
+            out = Path(tmp) / f"{label}-{method}"
+            code = CHILD.format(root=str(ROOT), scheme=scheme, weight_overrides=overrides, samples=args.samples,
+                                seq_len=args.seq_len, model=str(model), method=method, out=str(out))
+            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            wall = time.perf_counter() - start
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, max over children so far
+            ppl = perplexity(model, out, args.windows, scheme == "w8a8")
+            rows.append({"scheme": label, "method": method, "wall_s": wall,
+                         "peak_rss_mib": peak / 1024 if peak > before else None, "perplexity": ppl})
+            print(f"{label} {method}: {wall:.1f} s, peak RSS {peak / 1024:.0f} MiB, ppl {ppl:.3f}", flush=True)
+    print("\n| scheme | method | wall s | peak RSS MiB | WikiText-2 ppl |\n|---|---|---|---|---|")
+    for r in rows:
+        wall = f"{r['wall_s']:.1f}" if r["wall_s"] else "-"
+        rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] else "(≤ earlier)"
+        print(f"| {r['scheme']} | {r['method']} | {wall} | {rss if r['wall_s'] else '-'} | {r['perplexity']:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

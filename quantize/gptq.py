@@ -1,0 +1,82 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, pushing each column's rounding error
+onto the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+``H = 2/n * X^T X`` over calibration inputs ``X``. Groups take their scale from the weights as updated
+when the group is reached, unless ``static_groups`` fixes them up front (which activation ordering
+needs here, so that the export keeps the natural column order and needs no ``g_idx``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from quantize import numerics
+from quantize.schemes import QuantArgs
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    block_size: int = 128
+    dampening: float = 0.01
+    actorder: bool = False
+    static_groups: bool = False
+    max_damp_retries: int = 6
+
+
+def _inverse_hessian_chol(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp*mean(diag) I)^-1``; raises dampening tenfold until it factors."""
+    mean_diag = torch.mean(torch.diag(h))
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for _ in range(retries + 1):
+        try:
+            chol = torch.linalg.cholesky(h + damp * mean_diag * eye)
+            hinv = torch.cholesky_inverse(chol)
+            return torch.linalg.cholesky(hinv, upper=True), damp
+        except torch.linalg.LinAlgError:
+            damp = damp * 10 if damp > 0 else 1e-4
+    raise torch.linalg.LinAlgError(f"Hessian not positive definite even with dampening {damp / 10:g}")
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs,
+                  config: GPTQConfig = GPTQConfig()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Returns integer weights, scales, zero points (natural column order) and the dampening used."""
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    rows, cols = w.shape
+    dead = torch.diag(h) == 0  # inputs that were always zero: any value is exact
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    group = args.group_size if args.strategy == "group" else cols
+    static = config.static_groups or config.actorder
+    scale, zero = numerics.compute_qparams(w, args) if static else (None, None)
+    perm = torch.argsort(torch.diag(h), descending=True) if config.actorder else torch.arange(cols)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv, damp = _inverse_hessian_chol(h, config.dampening, config.max_damp_retries)
+    q = torch.zeros(rows, cols, dtype=torch.int8)
+    if not static:
+        scale = torch.zeros(rows, cols // group)
+        zero = torch.zeros(rows, cols // group, dtype=torch.int32)
+    for b0 in range(0, cols, config.block_size):
+        b1 = min(b0 + config.block_size, cols)
+        block, err = w[:, b0:b1].clone(), torch.zeros(rows, b1 - b0)
+        for i in range(b1 - b0):
+            col = int(perm[b0 + i])
+            g = col // group
+            if not static and (b0 + i) % group == 0:  # as the reference: the group's weights before this block
+                s, z = numerics.compute_qparams(w[:, b0 + i:b0 + i + group], _channel(args))
+                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+            s, z = scale[:, g:g + 1], zero[:, g:g + 1]
+            qcol = torch.clamp(torch.round(block[:, i:i + 1] / s) + z, args.qmin, args.qmax)
+            q[:, col] = qcol[:, 0].to(torch.int8)
+            e = (block[:, i:i + 1] - (qcol - z) * s) / hinv[b0 + i, b0 + i]
+            block[:, i:] -= e * hinv[b0 + i, b0 + i:b1].unsqueeze(0)
+            err[:, i:i + 1] = e
+        w[:, b1:] -= err @ hinv[b0:b1, b1:]
+    return q, scale, zero, damp
+
+
+def _channel(args: QuantArgs) -> QuantArgs:
+    """The same args, per channel: a group's scale is computed on that group's columns alone."""
+    return replace(args, strategy="channel", group_size=None)

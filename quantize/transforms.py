@@ -1,0 +1,100 @@
+"""Equivalence transforms that make a layer easier to quantize: SmoothQuant and AWQ.
+
+Both rescale input channels: a linear's columns are multiplied by ``s`` and the operation that
+produces its input (an RMSNorm's weight, or the rows of a preceding linear) is divided by ``s``,
+so the float model computes the same function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantize import numerics
+from quantize.schemes import QuantArgs
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """``smooth`` produces the input of every linear in ``balance`` (names relative to a decoder layer)."""
+
+    smooth: str
+    balance: tuple[str, ...]
+
+
+LLAMA_MAPPINGS = (
+    Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    Mapping("self_attn.v_proj", ("self_attn.o_proj",)),
+    Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    Mapping("mlp.up_proj", ("mlp.down_proj",)),
+)
+
+
+def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """``s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha)``: migrates activation outliers into the weights."""
+    w_absmax = torch.cat([w.float() for w in weights]).abs().amax(dim=0)
+    s = act_absmax.float().clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+def awq_scales(x: torch.Tensor, weights: list[torch.Tensor], args: QuantArgs, grid: int = 20) -> torch.Tensor:
+    """Grid search of ``s = mean|X|^r`` (r in [0, 1)) minimising the quantized outputs' squared error."""
+    x = x.float()
+    ws = [w.float() for w in weights]
+    reference = [x @ w.T for w in ws]
+    x_mean = x.abs().mean(dim=0)
+    best_err, best = float("inf"), torch.ones_like(x_mean)
+    for r in range(grid):
+        s = x_mean.pow(r / grid).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = sum(float(((x / s) @ numerics.fake_quantize(w * s, args).T - ref).pow(2).mean())
+                  for w, ref in zip(ws, reference))
+        if err < best_err:
+            best_err, best = err, s
+    return best
+
+
+def awq_clip(x: torch.Tensor, weight: torch.Tensor, args: QuantArgs, grid: int = 20,
+             max_shrink: float = 0.5) -> torch.Tensor:
+    """Clips each group's range where that lowers the group's output error on ``x``; returns clipped weights.
+
+    The search shrinks ``[min, max]`` (asymmetric) or ``[-absmax, absmax]`` (symmetric) alike, so the
+    clipping matches the quantizer's symmetry.
+    """
+    w = weight.float()
+    out, cols = w.shape
+    group = args.group_size if args.strategy == "group" else cols
+    xg = x.float().reshape(x.shape[0], cols // group, group)          # [n, G, g]
+    wg = w.reshape(out, cols // group, group)                          # [out, G, g]
+    lo, hi = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
+    if args.symmetric:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    ref = torch.einsum("ngk,ogk->nog", xg, wg)
+    best_err = torch.full((out, cols // group), float("inf"))
+    best = wg.clone()
+    for i in range(int(grid * max_shrink) + 1):
+        shrink = 1 - i / grid
+        clipped = torch.clamp(wg, lo * shrink, hi * shrink).reshape(out, cols)
+        q = numerics.fake_quantize(clipped, args).reshape(out, cols // group, group)
+        err = (torch.einsum("ngk,ogk->nog", xg, q) - ref).pow(2).mean(dim=0)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better.unsqueeze(-1), clipped.reshape(out, cols // group, group), best)
+    return best.reshape(out, cols).to(weight.dtype)
+
+
+@torch.no_grad()
+def fold_scales(smooth: torch.nn.Module, balance: list[torch.nn.Linear], s: torch.Tensor) -> None:
+    """Divides ``smooth``'s output channels by ``s`` and multiplies the balance layers' inputs by ``s``."""
+    if isinstance(smooth, torch.nn.Linear):
+        smooth.weight.div_(s.unsqueeze(1).to(smooth.weight.dtype))
+        if smooth.bias is not None:
+            smooth.bias.div_(s.to(smooth.bias.dtype))
+    else:  # a norm with a per-channel weight
+        smooth.weight.div_(s.to(smooth.weight.dtype))
+        if getattr(smooth, "bias", None) is not None:
+            smooth.bias.div_(s.to(smooth.bias.dtype))
+    for linear in balance:
+        linear.weight.mul_(s.unsqueeze(0).to(linear.weight.dtype))
