@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +36,12 @@ from quantize.schemes import get_scheme
 scheme = get_scheme({scheme!r})
 scheme = replace(scheme, weights=replace(scheme.weights, **{weight_overrides!r}))
 opts = QuantizeOptions(calibration=CalibrationSpec(num_samples={samples}, seq_len={seq_len}))
+start = time.perf_counter()
 quantize_checkpoint(Path({model!r}), scheme, {method!r}, Path({out!r}), force=True, progress=False, options=opts,
                     log=lambda m: None)
+import resource
+print(json.dumps({{"wall_s": time.perf_counter() - start,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 
 
@@ -53,9 +55,9 @@ def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool
     from quantize import numerics
     from quantize.schemes import QuantArgs
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)  # as vLLM computes
     if ckpt is not None:
-        missing, _ = model.load_state_dict(dequantized_state_dict(ckpt), strict=False)
+        missing, _ = model.load_state_dict(dequantized_state_dict(ckpt, torch.bfloat16), strict=False)
         assert all("lm_head" in m for m in missing), missing
         model.tie_weights()
     if act_quant:
@@ -89,10 +91,9 @@ def main() -> None:
     from exporters.models import prepare_model
 
     model = prepare_model("smollm2-135m")
-    rows = [{"scheme": "bf16", "method": "-", "wall_s": None, "peak_rss_mib": None,
-             "perplexity": perplexity(model, None, args.windows, False)}]
-    print(f"bf16: ppl {rows[0]['perplexity']:.3f}", flush=True)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        # every quantization first, each in a fresh child, so that peak RSS is the quantizer's own
         for scheme, method, overrides in RECIPES:
             if args.only and method not in args.only:
                 continue
@@ -100,20 +101,20 @@ def main() -> None:
             out = Path(tmp) / f"{label}-{method}"
             code = CHILD.format(root=str(ROOT), scheme=scheme, weight_overrides=overrides, samples=args.samples,
                                 seq_len=args.seq_len, model=str(model), method=method, out=str(out))
-            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True)
-            wall = time.perf_counter() - start
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, max over children so far
-            ppl = perplexity(model, out, args.windows, scheme == "w8a8")
-            rows.append({"scheme": label, "method": method, "wall_s": wall,
-                         "peak_rss_mib": peak / 1024 if peak > before else None, "perplexity": ppl})
-            print(f"{label} {method}: {wall:.1f} s, peak RSS {peak / 1024:.0f} MiB, ppl {ppl:.3f}", flush=True)
+            result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+            measured = json.loads(result.stdout.strip().splitlines()[-1])
+            rows.append({"scheme": label, "method": method, "checkpoint": out, **measured})
+            print(f"{label} {method}: {measured['wall_s']:.1f} s, peak RSS {measured['peak_rss_mib']:.0f} MiB", flush=True)
+        base = {"scheme": "bf16", "method": "-", "wall_s": None, "peak_rss_mib": None, "checkpoint": None}
+        rows.insert(0, base)
+        for row in rows:
+            row["perplexity"] = perplexity(model, row.pop("checkpoint"), args.windows, row["scheme"] == "w8a8")
+            print(f"{row['scheme']} {row['method']}: ppl {row['perplexity']:.3f}", flush=True)
     print("\n| scheme | method | wall s | peak RSS MiB | WikiText-2 ppl |\n|---|---|---|---|---|")
     for r in rows:
         wall = f"{r['wall_s']:.1f}" if r["wall_s"] else "-"
-        rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] else "(≤ earlier)"
-        print(f"| {r['scheme']} | {r['method']} | {wall} | {rss if r['wall_s'] else '-'} | {r['perplexity']:.3f} |")
+        rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] else "-"
+        print(f"| {r['scheme']} | {r['method']} | {wall} | {rss} | {r['perplexity']:.3f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
