@@ -35,8 +35,10 @@ class LayerReport:
     dampening: dict[str, float] = field(default_factory=dict)
     output_cosine: dict[str, float] = field(default_factory=dict)
     output_rel_error: dict[str, float] = field(default_factory=dict)
-    weight_kurtosis: dict[str, float] = field(default_factory=dict)
+    weight_kurtosis: dict[str, float] = field(default_factory=dict)  # as quantized (after transforms)
     input_kurtosis: dict[str, float] = field(default_factory=dict)
+    weight_kurtosis_before: dict[str, float] = field(default_factory=dict)  # before transforms
+    input_kurtosis_before: dict[str, float] = field(default_factory=dict)
 
 
 def _release_freed_memory() -> None:
@@ -83,7 +85,8 @@ class Stats:
                 self.hessian[name] = self.hessian[name] + h if name in self.hessian else h.clone()
             if self.want_samples and sum(len(s) for s in self.samples.get(name, [])) < AWQ_SAMPLE_TOKENS:
                 stride = max(1, x.shape[0] * BATCH // AWQ_SAMPLE_TOKENS)
-                self.samples.setdefault(name, []).append(x[::stride])
+                # a copy: a strided view would keep the whole float32 batch alive (~90 MiB per batch)
+                self.samples.setdefault(name, []).append(x[::stride].clone())
 
         return record
 
@@ -201,9 +204,11 @@ def calibrated_layers(model_dir, load_layer: Callable[[int], dict[str, torch.Ten
             dtypes[name] = tensor.dtype
         layer.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
         targets = {n: m for n, m in _linears(layer).items() if is_target(prefix + n)}
-        reference = {n: m.weight.detach().float() for n, m in targets.items()}
+        reference = {n: m.weight.detach().float() for n, m in targets.items()} if recipe.transforms else {}
         if recipe.transforms:
-            stats = _collect(layer, inputs, hessian=False, samples="awq" in recipe.transforms)
+            stats = _collect(layer, inputs, hessian=False, samples=True)
+            report.input_kurtosis_before = {n: _kurtosis(stats.samples_of(n)) for n in targets}
+            report.weight_kurtosis_before = {n: _kurtosis(w) for n, w in reference.items()}
             _transform(layer, stats, recipe, scheme, alpha)
         needs_hessian = recipe.quantizer == "gptq"
         stats = _collect(layer, inputs, hessian=needs_hessian, samples=True)
@@ -220,7 +225,7 @@ def calibrated_layers(model_dir, load_layer: Callable[[int], dict[str, torch.Ten
             q_out = x @ new_weight.T
             report.output_cosine[name] = float(torch.nn.functional.cosine_similarity(ref_out.flatten(), q_out.flatten(), dim=0))
             report.output_rel_error[name] = float((q_out - ref_out).norm() / ref_out.norm().clamp(min=1e-12))
-            report.weight_kurtosis[name] = _kurtosis(reference[name])
+            report.weight_kurtosis[name] = _kurtosis(weight)
             report.input_kurtosis[name] = _kurtosis(x)
             if qw.dampening is not None:
                 report.dampening[name] = qw.dampening

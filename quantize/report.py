@@ -12,11 +12,17 @@ def write_layer_report(out_dir: Path, layers: list[dict]) -> None:
     (out_dir / "quantization_report.json").write_text(json.dumps({"layers": layers}, indent=2))
     lines = ["| layer | linear | output cosine | output rel. error | weight kurtosis | input kurtosis | damp | s |",
              "|---|---|---|---|---|---|---|---|"]
+
+    def kurt(layer: dict, kind: str, name: str) -> str:
+        before = layer[f"{kind}_kurtosis_before"].get(name)  # present when a transform ran: "before → after"
+        after = f"{layer[f'{kind}_kurtosis'][name]:.1f}"
+        return f"{before:.1f} → {after}" if before is not None else after
+
     for layer in layers:
         for name in layer["output_cosine"]:
             damp = layer["dampening"].get(name)
             lines.append(f"| {layer['index']} | {name} | {layer['output_cosine'][name]:.5f} | "
-                         f"{layer['output_rel_error'][name]:.4f} | {layer['weight_kurtosis'][name]:.1f} | "
-                         f"{layer['input_kurtosis'][name]:.1f} | {'' if damp is None else f'{damp:g}'} | "
+                         f"{layer['output_rel_error'][name]:.4f} | {kurt(layer, 'weight', name)} | "
+                         f"{kurt(layer, 'input', name)} | {'' if damp is None else f'{damp:g}'} | "
                          f"{layer['seconds']:.1f} |")
     (out_dir / "quantization_report.md").write_text("# Quantization report\n\n" + "\n".join(lines) + "\n")
