@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=20)
-    parser.add_argument("--only", nargs="*", help="recipes to run, e.g. gptq smoothquant+gptq")
+    parser.add_argument("--only", nargs="*", help="methods (gptq) or scheme/method labels (w4a16-asym/awq) to run")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
 
@@ -95,9 +95,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # every quantization first, each in a fresh child, so that peak RSS is the quantizer's own
         for scheme, method, overrides in RECIPES:
-            if args.only and method not in args.only:
-                continue
             label = f"{scheme}{'-asym' if overrides.get('symmetric') is False else ''}"
+            if args.only and method not in args.only and f"{label}/{method}" not in args.only:
+                continue
             out = Path(tmp) / f"{label}-{method}"
             code = CHILD.format(root=str(ROOT), scheme=scheme, weight_overrides=overrides, samples=args.samples,
                                 seq_len=args.seq_len, model=str(model), method=method, out=str(out))

@@ -56,12 +56,13 @@ def awq_scales(x: torch.Tensor, weights: list[torch.Tensor], args: QuantArgs, gr
 
 
 def awq_clip(x: torch.Tensor, weight: torch.Tensor, args: QuantArgs, grid: int = 20,
-             max_shrink: float = 0.5) -> torch.Tensor:
+             max_shrink: float = 0.5, max_tokens: int = 512) -> torch.Tensor:
     """Clips each group's range where that lowers the group's output error on ``x``; returns clipped weights.
 
     The search shrinks ``[min, max]`` (asymmetric) or ``[-absmax, absmax]`` (symmetric) alike, so the
     clipping matches the quantizer's symmetry.
     """
+    x = x[:: max(1, x.shape[0] // max_tokens)][:max_tokens]  # AutoAWQ's budget: the search is per group
     w = weight.float()
     out, cols = w.shape
     group = args.group_size if args.strategy == "group" else cols
