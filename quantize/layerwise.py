@@ -59,8 +59,8 @@ def _kurtosis(t: torch.Tensor) -> float:
 class Stats:
     """Per-linear input statistics gathered by forward hooks over all calibration batches."""
 
-    def __init__(self, hessian: bool, samples: bool) -> None:
-        self.want_hessian, self.want_samples = hessian, samples
+    def __init__(self, hessian: bool) -> None:
+        self.want_hessian = hessian
         self.absmax: dict[str, torch.Tensor] = {}
         self.hessian: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
@@ -83,7 +83,7 @@ class Stats:
             if self.want_hessian:
                 h = self._product(inputs[0], x)
                 self.hessian[name] = self.hessian[name] + h if name in self.hessian else h.clone()
-            if self.want_samples and sum(len(s) for s in self.samples.get(name, [])) < AWQ_SAMPLE_TOKENS:
+            if sum(len(s) for s in self.samples.get(name, [])) < AWQ_SAMPLE_TOKENS:
                 stride = max(1, x.shape[0] * BATCH // AWQ_SAMPLE_TOKENS)
                 # a copy: a strided view would keep the whole float32 batch alive (~90 MiB per batch)
                 self.samples.setdefault(name, []).append(x[::stride].clone())
@@ -111,8 +111,8 @@ def _run(layer: torch.nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> lis
 
 
 @torch.no_grad()
-def _collect(layer: torch.nn.Module, inputs: list, hessian: bool, samples: bool) -> Stats:
-    stats = Stats(hessian, samples)
+def _collect(layer: torch.nn.Module, inputs: list, hessian: bool) -> Stats:
+    stats = Stats(hessian)
     handles = [m.register_forward_hook(stats.hook(n)) for n, m in _linears(layer).items()]
     try:
         _run(layer, inputs)
@@ -155,14 +155,13 @@ def _transform(layer: torch.nn.Module, stats: Stats, recipe: Recipe, scheme: Sch
                 b.weight.copy_(awq_clip(x / s, b.weight, scheme.weights))
 
 
-def calibrated_layers(model_dir, load_layer: Callable[[int], dict[str, torch.Tensor]], config: Any,
+def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str, torch.Tensor]], config: Any,
                       samples: torch.Tensor, scheme: Scheme, recipe: Recipe, is_target: Callable[[str], bool],
                       alpha: float = 0.5, gptq_config: Any = None,
                       ) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, QuantizedWeight], LayerReport]]:
     """Yields, per decoder layer, its float tensors (transformed), its quantized linears and a report."""
     from transformers import AutoModelForCausalLM
 
-    embed = load_layer(-1)["model.embed_tokens.weight"]
     # Layers run in the checkpoint's dtype (bf16 matmuls are ~5x faster than fp32 on CPUs with AMX or
     # AVX512-BF16); statistics, Hessians and the quantizers work in float32.
     with torch.device("meta"):
@@ -171,7 +170,6 @@ def calibrated_layers(model_dir, load_layer: Callable[[int], dict[str, torch.Ten
     base = model.model
     base.embed_tokens.to_empty(device="cpu")
     base.embed_tokens.weight.copy_(embed)
-    del embed
     base.rotary_emb = type(base.rotary_emb)(config=config)
     layers = base.layers
     inputs: list[tuple[torch.Tensor, dict]] = []
@@ -206,12 +204,12 @@ def calibrated_layers(model_dir, load_layer: Callable[[int], dict[str, torch.Ten
         targets = {n: m for n, m in _linears(layer).items() if is_target(prefix + n)}
         reference = {n: m.weight.detach().float() for n, m in targets.items()} if recipe.transforms else {}
         if recipe.transforms:
-            stats = _collect(layer, inputs, hessian=False, samples=True)
+            stats = _collect(layer, inputs, hessian=False)
             report.input_kurtosis_before = {n: _kurtosis(stats.samples_of(n)) for n in targets}
             report.weight_kurtosis_before = {n: _kurtosis(w) for n, w in reference.items()}
             _transform(layer, stats, recipe, scheme, alpha)
         needs_hessian = recipe.quantizer == "gptq"
-        stats = _collect(layer, inputs, hessian=needs_hessian, samples=True)
+        stats = _collect(layer, inputs, hessian=needs_hessian)
         quantized: dict[str, QuantizedWeight] = {}
         for name, linear in targets.items():
             calibration = {"hessian": stats.hessian_of(name)} if needs_hessian else None

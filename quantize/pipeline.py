@@ -167,8 +167,8 @@ def _write_streamed(files: list[Path], targets: dict[str, str], scheme: Scheme, 
 
 
 def _write_calibrated(model_dir: Path, files: list[Path], targets: dict[str, str], scheme: Scheme, recipe: Recipe,
-                      writer: ShardWriter, samples: torch.Tensor, options: "QuantizeOptions", progress: bool,
-                      log: Callable[[str], None]) -> list[dict]:
+                      writer: ShardWriter, samples: torch.Tensor, options: "QuantizeOptions",
+                      progress: bool) -> list[dict]:
     """Transforms and calibrated quantizers: one decoder layer at a time (see ``quantize.layerwise``)."""
     from dataclasses import asdict
 
@@ -180,18 +180,18 @@ def _write_calibrated(model_dir: Path, files: list[Path], targets: dict[str, str
     config = AutoConfig.from_pretrained(model_dir)
     load = _layer_loader(files)
     outside = load(-1)
-    dtype = outside["model.embed_tokens.weight"].dtype
+    embed = outside["model.embed_tokens.weight"]  # read once: written out and used for the calibration inputs
     writer.add(outside)
     del outside
     reports = []
-    layers = calibrated_layers(model_dir, load, config, samples, scheme, recipe,
+    layers = calibrated_layers(embed, load, config, samples, scheme, recipe,
                                is_target=lambda name: f"{name}.weight" in targets, alpha=options.smoothquant_alpha,
                                gptq_config=options.gptq)
     for index, floats, quantized, report in tqdm(layers, total=config.num_hidden_layers, disable=not progress,
                                                  desc=f"quantize {scheme.name}/{recipe.name}", unit="layer"):
         writer.add(floats)
         for name, qw in quantized.items():
-            writer.add(compressed_tensors.layer_tensors(name, qw, scheme, dtype))
+            writer.add(compressed_tensors.layer_tensors(name, qw, scheme, embed.dtype))
         reports.append(asdict(report))
     return reports
 
@@ -235,7 +235,7 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
         writer = ShardWriter(tmp)
         if recipe.needs_calibration:
             layer_reports = _write_calibrated(model_dir, files, target_weights, scheme, recipe, writer, samples,
-                                              options, progress, log)
+                                              options, progress)
         else:
             layer_reports = _write_streamed(files, target_weights, scheme, recipe, writer, progress)
         writer.close()
