@@ -1,8 +1,10 @@
 """The compressed-tensors layout that vLLM loads natively.
 
 ``int-quantized`` stores 8-bit weights as int8 (W8A8); ``pack-quantized`` packs 4- or 8-bit weights
-into int32 words, low bits first, with ``weight_shape`` beside them (weight-only schemes). Packing is
-the compressed-tensors library's own, so the bytes are what vLLM's loader expects.
+into int32 words, low bits first, with ``weight_shape`` beside them (weight-only schemes);
+``float-quantized`` stores FP8 E4M3 weights. Packing is the compressed-tensors library's own, so the
+bytes are what vLLM's loader expects. Per-layer overrides become extra config groups whose targets
+are name patterns, which vLLM matches before the class-name group.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from quantize.schemes import QuantArgs, Scheme
 
 def format_for(scheme: Scheme) -> str:
     """The compressed-tensors format name vLLM dispatches on for this scheme."""
+    if scheme.weights.type == "float":
+        return "float-quantized"
     return "pack-quantized" if scheme.weight_only else "int-quantized"
 
 
@@ -29,8 +33,10 @@ def layer_tensors(prefix: str, qw: QuantizedWeight, scheme: Scheme, dtype: torch
     if not args.symmetric:  # pack-quantized packs zero points too, along the output dimension
         zero = qw.zero.to(torch.int8)
         out[f"{prefix}.weight_zero_point"] = pack_to_int32(zero, args.num_bits, packed_dim=0) if packed else zero
+    if qw.input_scale is not None:
+        out[f"{prefix}.input_scale"] = qw.input_scale.reshape(1).float()
     if not packed:
-        out[f"{prefix}.weight"] = qw.q.to(torch.int8)
+        out[f"{prefix}.weight"] = qw.q if args.type == "float" else qw.q.to(torch.int8)
     else:
         out[f"{prefix}.weight_packed"] = pack_to_int32(qw.q.to(torch.int8), args.num_bits)
         out[f"{prefix}.weight_shape"] = torch.tensor(list(qw.q.shape), dtype=torch.int64)
@@ -43,19 +49,25 @@ def _args_config(args: QuantArgs) -> dict[str, Any]:
     return cfg
 
 
-def quantization_config(scheme: Scheme) -> dict[str, Any]:
-    """The ``quantization_config`` entry of ``config.json``."""
-    group = {
-        "targets": list(scheme.targets),
-        "weights": _args_config(scheme.weights),
+def _group(targets: tuple[str, ...], weights: QuantArgs, scheme: Scheme) -> dict[str, Any]:
+    return {
+        "targets": list(targets),
+        "weights": _args_config(weights),
         "input_activations": _args_config(scheme.input_activations) if scheme.input_activations else None,
         "output_activations": None,
     }
+
+
+def quantization_config(scheme: Scheme) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json``: one config group, plus one per override."""
+    groups = {"group_0": _group(scheme.targets, scheme.weights, scheme)}
+    for i, override in enumerate(scheme.overrides, start=1):
+        groups[f"group_{i}"] = _group(override.targets, override.weights, scheme)
     return {
         "quant_method": "compressed-tensors",
         "format": format_for(scheme),
         "quantization_status": "compressed",
-        "config_groups": {"group_0": group},
+        "config_groups": groups,
         "ignore": list(scheme.ignore),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,

@@ -75,11 +75,16 @@ def models_prepare(name: str = typer.Argument("smollm2-135m", help="Demo model n
 @app.command()
 @user_errors
 def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id, or demo model name."),
-             scheme: str = typer.Option("w8a8", help="Scheme preset: w8a8, w8a16, w4a16."),
+             scheme: str = typer.Option("w8a8", help="Scheme preset: w8a8, w8a8-static, w8a16, w4a16, fp8, "
+                                                     "fp8-dynamic."),
              method: str = typer.Option("rtn", help="rtn, gptq, awq, smoothquant, or joined with '+' "
                                                     "(smoothquant+gptq, awq+gptq)."),
              output: Path = typer.Option(..., "--output", "-o", help="Output checkpoint directory."),
-             group_size: Optional[int] = typer.Option(None, help="Weight group size (overrides the preset)."),
+             group_size: Optional[str] = typer.Option(None, help="Weight group size (overrides the preset), or "
+                                                                 "'auto': per layer the largest that fits."),
+             override: List[str] = typer.Option([], help="PATTERN=PRESET[:gN], repeatable: other weights for "
+                                                         "matching layers, e.g. 're:.*down_proj$=w8a16'."),
+             device: str = typer.Option("cpu", help="Where calibrated layers run: cpu, cuda, cuda:N."),
              asymmetric: bool = typer.Option(False, "--asym", help="Asymmetric weights (with a zero point)."),
              observer: str = typer.Option("minmax", help="Weight range: minmax, or mse (clipping search)."),
              calib_file: Optional[Path] = typer.Option(None, help="Calibration text or JSONL "
@@ -99,15 +104,23 @@ def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id
     from quantize.gptq import GPTQConfig
     from quantize.methods import parse_recipe
     from quantize.pipeline import QuantizeOptions, quantize_checkpoint
-    from quantize.schemes import QuantArgs, get_scheme
+    from quantize.schemes import QuantArgs, SchemeError, get_scheme, parse_override
 
-    chosen = get_scheme(scheme, group_size)  # validate names before resolving (and downloading) a model
-    chosen = replace(chosen, weights=QuantArgs(**{**chosen.weights.to_dict(), "symmetric": not asymmetric,
-                                                  "observer": observer}))
+    auto = group_size is not None and group_size.lower() == "auto"
+    if group_size is not None and not auto and not group_size.isdigit():
+        raise SchemeError(f"--group-size takes a number (e.g. 64) or 'auto', not {group_size!r}")
+    # validate names before resolving (and downloading) a model
+    chosen = get_scheme(scheme, int(group_size) if group_size and not auto else None)
+    weights = chosen.weights
+    if weights.type == "int":
+        weights = replace(weights, symmetric=not asymmetric)
+    chosen = replace(chosen, weights=replace(weights, observer=observer),
+                     overrides=tuple(parse_override(o, symmetric=not asymmetric) for o in override))
     parse_recipe(method)
     options = QuantizeOptions(
         calibration=CalibrationSpec(num_samples=num_samples, seq_len=calib_seq_len, seed=seed, path=calib_file),
-        smoothquant_alpha=smoothquant_alpha, gptq=GPTQConfig(actorder=actorder, dampening=dampening))
+        smoothquant_alpha=smoothquant_alpha, gptq=GPTQConfig(actorder=actorder, dampening=dampening),
+        device=device, auto_group_size=auto)
     quantize_checkpoint(resolve_model(model), chosen, method, output, force=force, log=typer.echo, options=options)
 
 

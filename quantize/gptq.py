@@ -28,7 +28,7 @@ class GPTQConfig:
 def _inverse_hessian_chol(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + damp*mean(diag) I)^-1``; raises dampening tenfold until it factors."""
     mean_diag = torch.mean(torch.diag(h))
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for _ in range(retries + 1):
         try:
             chol = torch.linalg.cholesky(h + damp * mean_diag * eye)
@@ -51,30 +51,31 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs,
     group = args.group_size if args.strategy == "group" else cols
     static = config.static_groups or config.actorder
     scale, zero = numerics.compute_qparams(w, args) if static else (None, None)
-    perm = torch.argsort(torch.diag(h), descending=True) if config.actorder else torch.arange(cols)
+    perm = torch.argsort(torch.diag(h), descending=True) if config.actorder else torch.arange(cols, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
     hinv, damp = _inverse_hessian_chol(h, config.dampening, config.max_damp_retries)
-    q = torch.zeros(rows, cols, dtype=torch.int8)
+    q = torch.zeros(rows, cols, dtype=torch.float32, device=w.device)
     if not static:
-        scale = torch.zeros(rows, cols // group)
-        zero = torch.zeros(rows, cols // group, dtype=torch.int32)
+        scale = torch.zeros(rows, cols // group, device=w.device)
+        zero = torch.zeros(rows, cols // group, dtype=torch.int32, device=w.device)
+    perm_list = perm.tolist()
     for b0 in range(0, cols, config.block_size):
         b1 = min(b0 + config.block_size, cols)
-        block, err = w[:, b0:b1].clone(), torch.zeros(rows, b1 - b0)
+        block, err = w[:, b0:b1].clone(), torch.zeros(rows, b1 - b0, device=w.device)
         for i in range(b1 - b0):
-            col = int(perm[b0 + i])
+            col = perm_list[b0 + i]
             g = col // group
             if not static and (b0 + i) % group == 0:  # as the reference: the group's weights before this block
                 s, z = numerics.compute_qparams(w[:, b0 + i:b0 + i + group], _channel(args))
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
             s, z = scale[:, g:g + 1], zero[:, g:g + 1]
-            qcol = torch.clamp(torch.round(block[:, i:i + 1] / s) + z, args.qmin, args.qmax)
-            q[:, col] = qcol[:, 0].to(torch.int8)
+            qcol = numerics.round_to_grid(block[:, i:i + 1] / s + z, args)
+            q[:, col] = qcol[:, 0]
             e = (block[:, i:i + 1] - (qcol - z) * s) / hinv[b0 + i, b0 + i]
             block[:, i:] -= e * hinv[b0 + i, b0 + i:b1].unsqueeze(0)
             err[:, i:i + 1] = e
         w[:, b1:] -= err @ hinv[b0:b1, b1:]
-    return q, scale, zero, damp
+    return q.to(torch.float8_e4m3fn if args.type == "float" else torch.int8), scale, zero, damp
 
 
 def _channel(args: QuantArgs) -> QuantArgs:

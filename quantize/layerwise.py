@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from quantize.methods import QuantizedWeight, Recipe, quantize_weight
-from quantize.schemes import Scheme
+from quantize.schemes import QuantArgs, Scheme
 from quantize.transforms import LLAMA_MAPPINGS, awq_clip, awq_scales, fold_scales, smoothquant_scales
 
 BATCH = 8
@@ -102,20 +102,21 @@ def _linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 
 
 @torch.no_grad()
-def _run(layer: torch.nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+def _run(layer: torch.nn.Module, shell: "_Layers") -> list[torch.Tensor]:
+    """The layer's outputs over all stored inputs: computed in the compute dtype, stored in the checkpoint's."""
     outs = []
-    for hidden, kwargs in inputs:
-        out = layer(hidden, **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
+    for hidden, kwargs in shell.inputs:
+        out = layer(hidden.to(shell.dtype), **kwargs)
+        outs.append((out[0] if isinstance(out, tuple) else out).to(shell.store_dtype))
     return outs
 
 
 @torch.no_grad()
-def _collect(layer: torch.nn.Module, inputs: list, hessian: bool) -> Stats:
+def _collect(layer: torch.nn.Module, shell: "_Layers", hessian: bool) -> Stats:
     stats = Stats(hessian)
     handles = [m.register_forward_hook(stats.hook(n)) for n, m in _linears(layer).items()]
     try:
-        _run(layer, inputs)
+        _run(layer, shell)
     finally:
         for h in handles:
             h.remove()
@@ -136,104 +137,147 @@ def check_mappings(layer: torch.nn.Module, recipe: Recipe) -> None:
 
 
 @torch.no_grad()
-def _transform(layer: torch.nn.Module, stats: Stats, recipe: Recipe, scheme: Scheme, alpha: float) -> None:
+def _transform(layer: torch.nn.Module, stats: Stats, recipe: Recipe, args: dict[str, QuantArgs], alpha: float) -> None:
     modules = dict(layer.named_modules())
     for mapping in LLAMA_MAPPINGS:
         smooth, balance = modules[mapping.smooth], [modules[b] for b in mapping.balance]
         if isinstance(smooth, torch.nn.Linear) and smooth.out_features != balance[0].in_features:
             continue  # e.g. v_proj -> o_proj under grouped-query attention: shapes do not line up
         first = mapping.balance[0]
+        if any(b not in args for b in mapping.balance):
+            continue  # a balance layer is not quantized (ignored): nothing to protect
         if "smoothquant" in recipe.transforms and not isinstance(smooth, torch.nn.Linear):
             s = smoothquant_scales(stats.absmax[first], [b.weight for b in balance], alpha)
             fold_scales(smooth, balance, s)
             stats.absmax[first] = stats.absmax[first] / s
         if "awq" in recipe.transforms:
             x = stats.samples_of(first)
-            s = awq_scales(x, [b.weight for b in balance], scheme.weights)
+            s = awq_scales(x, [b.weight for b in balance], args[first])
             fold_scales(smooth, balance, s)
-            for b in balance:
-                b.weight.copy_(awq_clip(x / s, b.weight, scheme.weights))
+            for name, b in zip(mapping.balance, balance):
+                b.weight.copy_(awq_clip(x / s, b.weight, args[name]))
+
+
+def compute_dtype(device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """The dtype decoder layers run in: the checkpoint's on GPUs and on CPUs with bf16 matrix units; float32
+    on other CPUs, where bf16 matmuls run ~3x slower than float32 (measured on AVX-512 without BF16)."""
+    if device.type != "cpu" or checkpoint_dtype == torch.float32:
+        return checkpoint_dtype
+    cpu = torch.cpu
+    fast = getattr(cpu, "_is_amx_tile_supported", lambda: False)() or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return checkpoint_dtype if fast else torch.float32
+
+
+@dataclass
+class _Layers:
+    """The meta-device model shell, the calibration hidden states (stored in the checkpoint dtype) and
+    the keyword arguments its layers take."""
+
+    layers: torch.nn.ModuleList
+    inputs: list[tuple[torch.Tensor, dict]]
+    dtype: torch.dtype
+    store_dtype: torch.dtype
+    device: torch.device
+
+
+@torch.no_grad()
+def _catch_inputs(embed: torch.Tensor, config: Any, samples: torch.Tensor, device: torch.device) -> _Layers:
+    """Runs the embeddings over the samples; a catcher in place of layer 0 records what layer 0 receives."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(device, embed.dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.requires_grad_(False)
+    base = model.model
+    base.embed_tokens.to_empty(device=device)
+    base.embed_tokens.weight.copy_(embed)
+    with torch.device(device):  # rotary tables are buffers built in __init__
+        base.rotary_emb = type(base.rotary_emb)(config=config)
+    shell = _Layers(base.layers, [], dtype, embed.dtype, device)
+    first = base.layers[0]
+
+    class Catcher(torch.nn.Module):
+        def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+            kept = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+            shell.inputs.append((hidden.to(shell.store_dtype), kept))
+            raise _Caught
+
+    base.layers[0] = Catcher()
+    for batch in samples.split(BATCH):
+        try:
+            base(input_ids=batch.to(device), use_cache=False)
+        except _Caught:
+            pass
+    base.layers[0] = first
+    del base.embed_tokens
+    return shell
+
+
+def _quantize_linear(name: str, linear: torch.nn.Linear, args: QuantArgs, stats: Stats, recipe: Recipe,
+                     gptq_config: Any, report: LayerReport) -> QuantizedWeight:
+    """Quantizes one linear in place (its weight becomes the dequantized one) and fills its report rows."""
+    calibration = None
+    if recipe.quantizer == "gptq":
+        calibration = {"hessian": stats.hessian_of(name)}
+        if gptq_config is not None:
+            calibration["gptq"] = gptq_config
+    weight = linear.weight.detach().float()
+    qw = quantize_weight(weight, args, recipe.quantizer, calibration)
+    x = stats.samples_of(name)
+    ref_out, new_weight = x @ weight.T, qw.dequantize()
+    q_out = x @ new_weight.T
+    report.output_cosine[name] = float(torch.nn.functional.cosine_similarity(ref_out.flatten(), q_out.flatten(), dim=0))
+    report.output_rel_error[name] = float((q_out - ref_out).norm() / ref_out.norm().clamp(min=1e-12))
+    report.weight_kurtosis[name] = _kurtosis(weight)
+    report.input_kurtosis[name] = _kurtosis(x)
+    if qw.dampening is not None:
+        report.dampening[name] = qw.dampening
+    linear.weight.data = new_weight.to(linear.weight.dtype)
+    return qw
+
+
+def _input_scale(stats: Stats, name: str, args: QuantArgs) -> torch.Tensor:
+    """Static per-tensor activation scale from the calibration inputs' absolute maximum."""
+    absmax = stats.absmax[name].max().clamp(min=1e-8)
+    return (absmax / ((args.qmax - args.qmin) / 2)).reshape(1).float()
 
 
 def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str, torch.Tensor]], config: Any,
                       samples: torch.Tensor, scheme: Scheme, recipe: Recipe, is_target: Callable[[str], bool],
-                      alpha: float = 0.5, gptq_config: Any = None,
+                      alpha: float = 0.5, gptq_config: Any = None, device: str | torch.device = "cpu",
                       ) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, QuantizedWeight], LayerReport]]:
-    """Yields, per decoder layer, its float tensors (transformed), its quantized linears and a report."""
-    from transformers import AutoModelForCausalLM
-
-    # Layers run in the checkpoint's dtype (bf16 matmuls are ~5x faster than fp32 on CPUs with AMX or
-    # AVX512-BF16); statistics, Hessians and the quantizers work in float32.
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=embed.dtype)
-    model.requires_grad_(False)
-    base = model.model
-    base.embed_tokens.to_empty(device="cpu")
-    base.embed_tokens.weight.copy_(embed)
-    base.rotary_emb = type(base.rotary_emb)(config=config)
-    layers = base.layers
-    inputs: list[tuple[torch.Tensor, dict]] = []
-    first = layers[0]
-
-    class Catcher(torch.nn.Module):
-        def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-            inputs.append((hidden, {k: v for k, v in kwargs.items() if k != "past_key_values"}))
-            raise _Caught
-
-    layers[0] = Catcher()
-    with torch.no_grad():
-        for batch in samples.split(BATCH):
-            try:
-                base(input_ids=batch, use_cache=False)
-            except _Caught:
-                pass
-    layers[0] = first
-    del base.embed_tokens
-
-    for index in range(len(layers)):
-        start = time.perf_counter()
-        report = LayerReport(index)
-        layer = layers[index]
-        prefix = f"model.layers.{index}."
-        layer.to_empty(device="cpu")
-        dtypes = {}
+    """Yields, per decoder layer, its float tensors (transformed), its quantized linears (on the CPU, with
+    ``input_scale`` set for static activation schemes) and a report."""
+    device = torch.device(device)
+    shell = _catch_inputs(embed, config, samples, device)
+    for index in range(len(shell.layers)):
+        start, report, prefix = time.perf_counter(), LayerReport(index), f"model.layers.{index}."
+        layer = shell.layers[index]
+        layer.to_empty(device=device)
         state = load_layer(index)
-        for name, tensor in state.items():
-            dtypes[name] = tensor.dtype
+        dtypes = {name: tensor.dtype for name, tensor in state.items()}
         layer.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
+        del state
         targets = {n: m for n, m in _linears(layer).items() if is_target(prefix + n)}
-        reference = {n: m.weight.detach().float() for n, m in targets.items()} if recipe.transforms else {}
+        args = {n: scheme.weights_for(prefix + n) for n in targets}
         if recipe.transforms:
-            stats = _collect(layer, inputs, hessian=False)
+            stats = _collect(layer, shell, hessian=False)
             report.input_kurtosis_before = {n: _kurtosis(stats.samples_of(n)) for n in targets}
-            report.weight_kurtosis_before = {n: _kurtosis(w) for n, w in reference.items()}
-            _transform(layer, stats, recipe, scheme, alpha)
-        needs_hessian = recipe.quantizer == "gptq"
-        stats = _collect(layer, inputs, hessian=needs_hessian)
-        quantized: dict[str, QuantizedWeight] = {}
+            report.weight_kurtosis_before = {n: _kurtosis(m.weight) for n, m in targets.items()}
+            _transform(layer, stats, recipe, args, alpha)
+        stats = _collect(layer, shell, hessian=recipe.quantizer == "gptq")
+        quantized = {}
         for name, linear in targets.items():
-            calibration = {"hessian": stats.hessian_of(name)} if needs_hessian else None
-            if calibration is not None and gptq_config is not None:
-                calibration["gptq"] = gptq_config
-            weight = linear.weight.detach().float()
-            qw = quantize_weight(weight, scheme.weights, recipe.quantizer, calibration)
-            x = stats.samples_of(name)
-            ref_out = x @ weight.T
-            new_weight = qw.dequantize()
-            q_out = x @ new_weight.T
-            report.output_cosine[name] = float(torch.nn.functional.cosine_similarity(ref_out.flatten(), q_out.flatten(), dim=0))
-            report.output_rel_error[name] = float((q_out - ref_out).norm() / ref_out.norm().clamp(min=1e-12))
-            report.weight_kurtosis[name] = _kurtosis(weight)
-            report.input_kurtosis[name] = _kurtosis(x)
-            if qw.dampening is not None:
-                report.dampening[name] = qw.dampening
-            linear.weight.data = new_weight.to(linear.weight.dtype)
-            quantized[name] = qw
-        outputs = _run(layer, inputs)
-        inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
-        floats = {prefix + k: v.detach().to(dtypes[prefix + k]) for k, v in layer.state_dict().items()
+            qw = _quantize_linear(name, linear, args[name], stats, recipe, gptq_config, report)
+            scale = _input_scale(stats, name, scheme.input_activations) if scheme.static_activations else None
+            quantized[prefix + name] = qw.to_cpu(input_scale=scale)
+        del stats
+        outputs = _run(layer, shell)
+        shell.inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, shell.inputs)]
+        floats = {prefix + k: v.detach().to("cpu", dtypes[prefix + k]) for k, v in layer.state_dict().items()
                   if prefix + k in dtypes and k.removesuffix(".weight") not in targets}
         report.seconds = time.perf_counter() - start
         layer.to("meta")
         _release_freed_memory()
-        yield index, floats, {prefix + n: q for n, q in quantized.items()}, report
+        yield index, floats, quantized, report

@@ -7,7 +7,7 @@ followed by one quantizer: ``awq`` is AWQ then RTN, ``smoothquant+gptq`` is Smoo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -26,9 +26,15 @@ class QuantizedWeight:
     zero: torch.Tensor
     args: QuantArgs
     dampening: Optional[float] = None
+    input_scale: Optional[torch.Tensor] = None  # static activation scale, shape [1]
 
     def dequantize(self) -> torch.Tensor:
         return numerics.dequantize(self.q, self.scale, self.zero, self.args)
+
+    def to_cpu(self, input_scale: Optional[torch.Tensor] = None) -> "QuantizedWeight":
+        """The same weight with its tensors on the CPU (where they are written), plus a static input scale."""
+        scale = input_scale.cpu() if input_scale is not None else self.input_scale
+        return replace(self, q=self.q.cpu(), scale=self.scale.cpu(), zero=self.zero.cpu(), input_scale=scale)
 
 
 class MethodError(ValueError):

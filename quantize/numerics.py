@@ -38,9 +38,11 @@ def compute_qparams(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, tor
 def _range_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point that map ``[lo, hi]`` onto the integer grid."""
     if args.symmetric:
-        scale = torch.maximum(-lo, hi) / args.qmax
+        # Half the grid's width, not qmax: the convention of compressed-tensors and llm-compressor, which
+        # uses the -2^(b-1) level (the positive extreme rounds to qmax, half a step short).
+        scale = torch.maximum(-lo, hi) / ((args.qmax - args.qmin) / 2)
         zero = torch.zeros_like(scale, dtype=torch.int32)
-    else:
+    else:  # int only: FP8 is symmetric
         scale = (hi - lo) / (args.qmax - args.qmin)
         zero = (args.qmin - torch.round(lo / scale.clamp(min=1e-12))).clamp(args.qmin, args.qmax).int()
     scale = scale.clamp(min=torch.finfo(torch.float32).tiny * 1e6)  # all-zero rows stay finite
@@ -50,12 +52,12 @@ def _range_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tuple
 def _mse_qparams(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs,
                  steps: int = 50, max_shrink: float = 0.8, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrinks the range per channel/group while that lowers the ``|w - q(w)|^norm`` error (a clipping search)."""
-    best_err = torch.full(lo.shape, float("inf"))
+    best_err = torch.full(lo.shape, float("inf"), device=g.device)
     best_scale, best_zero = _range_qparams(lo, hi, args)
     for i in range(steps):
         shrink = 1.0 - max_shrink * i / steps
         scale, zero = _range_qparams(lo * shrink, hi * shrink, args)
-        q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), args.qmin, args.qmax)
+        q = round_to_grid(g / scale.unsqueeze(-1) + zero.unsqueeze(-1), args)
         err = ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - g).abs().pow(norm).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -64,17 +66,23 @@ def _mse_qparams(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: Quan
     return best_scale, best_zero
 
 
+def round_to_grid(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Nearest grid value: an integer, or for FP8 the nearest E4M3 number (as float32)."""
+    if args.type == "float":
+        return x.clamp(args.qmin, args.qmax).to(torch.float8_e4m3fn).float()
+    return torch.round(x).clamp(args.qmin, args.qmax)
+
+
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """Rounds ``w`` to integers in ``[qmin, qmax]``, as int8."""
+    """Rounds ``w`` onto the grid: int8 integers in ``[qmin, qmax]``, or float8_e4m3fn for FP8."""
     g = _grouped(w.float(), args)
-    q = torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
-    q = q.clamp(args.qmin, args.qmax).reshape(w.shape)
-    return q.to(torch.int8)
+    q = round_to_grid(g / scale.unsqueeze(-1) + zero.unsqueeze(-1), args).reshape(w.shape)
+    return q.to(torch.float8_e4m3fn if args.type == "float" else torch.int8)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """The float32 weights that integers ``q`` stand for."""
-    g = _grouped(q.to(torch.int32), args)
+    """The float32 weights that grid values ``q`` stand for."""
+    g = _grouped(q.float() if args.type == "float" else q.to(torch.int32), args)
     return ((g - zero.unsqueeze(-1)).float() * scale.unsqueeze(-1)).reshape(q.shape)
 
 

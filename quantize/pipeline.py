@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ from quantize.calibration import CalibrationSpec, load_calibration
 from quantize.gptq import GPTQConfig
 from quantize.methods import Recipe, parse_recipe, quantize_weight
 from quantize.report import write_layer_report
-from quantize.schemes import Scheme, SchemeError
+from quantize.grouping import auto_group_sizes, check_fused_consistent, check_group_fit
+from quantize.schemes import Scheme, matches
 
 # Files a checkpoint carries besides its weights and config, copied as they are.
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -70,16 +70,6 @@ def meta_model(model_dir: Path) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def _is_ignored(name: str, ignore: tuple[str, ...]) -> bool:
-    """compressed-tensors semantics: ``re:PATTERN`` matches by regex, anything else by exact name."""
-    for entry in ignore:
-        if entry.startswith("re:") and re.match(entry[3:], name):
-            return True
-        if name == entry or name.endswith("." + entry):
-            return True
-    return False
-
-
 def weight_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -105,21 +95,6 @@ def _tensor_shapes(files: list[Path]) -> dict[str, list[int]]:
             for key in f.keys():
                 shapes[key] = f.get_slice(key).get_shape()
     return shapes
-
-
-def check_group_fit(scheme: Scheme, targets: list[str], shapes: dict[str, list[int]]) -> None:
-    """Fails before any work when the weight group size does not divide a target layer's inputs."""
-    g = scheme.weights.group_size
-    if scheme.weights.strategy != "group":
-        return
-    bad = {name: shapes[f"{name}.weight"][1] for name in targets if shapes[f"{name}.weight"][1] % g}
-    if bad:
-        widths = sorted(set(bad.values()))
-        fits = [s for s in (256, 128, 64, 32, 16) if all(w % s == 0 for w in widths)]
-        listing = ", ".join(f"{n} ({w} inputs)" for n, w in list(bad.items())[:4])
-        more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
-        raise SchemeError(f"group size {g} does not divide the inputs of {len(bad)} layers: {listing}{more}; "
-                          f"group sizes that fit every layer: {', '.join(map(str, fits)) or 'none'}")
 
 
 def _sha256_files(files: list[Path]) -> str:
@@ -158,7 +133,7 @@ def _write_streamed(files: list[Path], targets: dict[str, str], scheme: Scheme, 
     with tqdm(desc=f"quantize {scheme.name}/{recipe.name}", unit="tensor", disable=not progress) as bar:
         for key, tensor in _iter_tensors(files):
             if key in targets:
-                qw = quantize_weight(tensor, scheme.weights, recipe.quantizer)
+                qw = quantize_weight(tensor, scheme.weights_for(targets[key]), recipe.quantizer)
                 writer.add(compressed_tensors.layer_tensors(targets[key], qw, scheme, tensor.dtype))
             else:
                 writer.add({key: tensor})
@@ -186,7 +161,7 @@ def _write_calibrated(model_dir: Path, files: list[Path], targets: dict[str, str
     reports = []
     layers = calibrated_layers(embed, load, config, samples, scheme, recipe,
                                is_target=lambda name: f"{name}.weight" in targets, alpha=options.smoothquant_alpha,
-                               gptq_config=options.gptq)
+                               gptq_config=options.gptq, device=options.device)
     for index, floats, quantized, report in tqdm(layers, total=config.num_hidden_layers, disable=not progress,
                                                  desc=f"quantize {scheme.name}/{recipe.name}", unit="layer"):
         writer.add(floats)
@@ -196,6 +171,18 @@ def _write_calibrated(model_dir: Path, files: list[Path], targets: dict[str, str
     return reports
 
 
+def _check_device(device: str) -> None:
+    """Fails before any work when the requested device is not there."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+
+
 @dataclass(frozen=True)
 class QuantizeOptions:
     """Knobs of the calibrated methods; the defaults are the usual ones."""
@@ -203,6 +190,8 @@ class QuantizeOptions:
     calibration: CalibrationSpec = CalibrationSpec()
     smoothquant_alpha: float = 0.5
     gptq: GPTQConfig = GPTQConfig()
+    device: str = "cpu"  # where calibrated layers run: "cpu", "cuda", "cuda:1"
+    auto_group_size: bool = False  # per layer, the largest group size that divides its inputs
 
 
 def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: Path, force: bool = False,
@@ -215,11 +204,17 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
     shapes = _tensor_shapes(files)
     model = meta_model(model_dir)
     linear = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
-    targets = [n for n in linear if not _is_ignored(n, scheme.ignore) and f"{n}.weight" in shapes]
+    targets = [n for n in linear if not matches(n, scheme.ignore) and f"{n}.weight" in shapes]
     skipped = [n for n in linear if n not in targets]
+    if options.auto_group_size:
+        scheme, chosen = auto_group_sizes(scheme, targets, shapes)
+        log(chosen)
     check_group_fit(scheme, targets, shapes)
+    check_fused_consistent(scheme, targets)
+    _check_device(options.device)
+    needs_calibration = recipe.needs_calibration or scheme.static_activations
     calibration_report = None
-    if recipe.needs_calibration:
+    if needs_calibration:
         from transformers import AutoTokenizer
 
         from quantize.layerwise import check_mappings
@@ -233,7 +228,7 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
 
     with atomic_output_dir(out_dir, force=force) as tmp:
         writer = ShardWriter(tmp)
-        if recipe.needs_calibration:
+        if needs_calibration:
             layer_reports = _write_calibrated(model_dir, files, target_weights, scheme, recipe, writer, samples,
                                               options, progress)
         else:

@@ -8,6 +8,7 @@ without translation tables.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -41,19 +42,46 @@ class QuantArgs:
             raise SchemeError(f"group_size={self.group_size} only applies to strategy 'group'")
         if self.type == "int" and not 2 <= self.num_bits <= 8:
             raise SchemeError(f"int quantization takes 2..8 bits, not {self.num_bits}")
+        if self.type == "float" and (self.num_bits != 8 or not self.symmetric):
+            raise SchemeError("float quantization is FP8 (E4M3): num_bits=8, symmetric")
+        if self.type not in ("int", "float"):
+            raise SchemeError(f"unknown number type {self.type!r}; choose int or float")
 
     # The integer grid is signed for symmetric and asymmetric schemes alike (asymmetric ones carry a
     # zero point inside it), which is the convention compressed-tensors stores and vLLM reads.
+    # FP8 E4M3 spans +-448.
     @property
-    def qmin(self) -> int:
-        return -(2 ** (self.num_bits - 1))
+    def qmin(self) -> float:
+        return -448.0 if self.type == "float" else -(2 ** (self.num_bits - 1))
 
     @property
-    def qmax(self) -> int:
-        return 2 ** (self.num_bits - 1) - 1
+    def qmax(self) -> float:
+        return 448.0 if self.type == "float" else 2 ** (self.num_bits - 1) - 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """compressed-tensors semantics: ``re:REGEX`` matches a module name by regex, else by exact name or suffix."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.match(pattern[3:], name):
+                return True
+        elif name == pattern or name.endswith("." + pattern):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Override:
+    """Different weight quantization for the layers whose names match ``targets`` (see ``matches``)."""
+
+    targets: tuple[str, ...]
+    weights: QuantArgs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"targets": list(self.targets), "weights": self.weights.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -65,10 +93,29 @@ class Scheme:
     input_activations: Optional[QuantArgs] = None
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ("lm_head",)
+    overrides: tuple[Override, ...] = ()
+
+    def __post_init__(self) -> None:
+        for o in self.overrides:
+            if o.weights.type != self.weights.type:
+                raise SchemeError(f"override {list(o.targets)} uses {o.weights.type} weights in a {self.weights.type} "
+                                  f"scheme; one checkpoint holds one number type")
 
     @property
     def weight_only(self) -> bool:
         return self.input_activations is None
+
+    @property
+    def static_activations(self) -> bool:
+        """Activation scales are fixed at calibration time (``input_scale`` tensors), not computed per token."""
+        return self.input_activations is not None and not self.input_activations.dynamic
+
+    def weights_for(self, name: str) -> QuantArgs:
+        """The weight args of module ``name``: the first matching override's, else the scheme's."""
+        for o in self.overrides:
+            if matches(name, o.targets):
+                return o.weights
+        return self.weights
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +124,7 @@ class Scheme:
             "input_activations": self.input_activations.to_dict() if self.input_activations else None,
             "targets": list(self.targets),
             "ignore": list(self.ignore),
+            "overrides": [o.to_dict() for o in self.overrides],
         }
 
     @classmethod
@@ -88,6 +136,7 @@ class Scheme:
             input_activations=QuantArgs(**acts) if acts else None,
             targets=tuple(data.get("targets", ("Linear",))),
             ignore=tuple(data.get("ignore", ("lm_head",))),
+            overrides=tuple(Override(tuple(o["targets"]), QuantArgs(**o["weights"])) for o in data.get("overrides", ())),
         )
 
     def with_group_size(self, group_size: int) -> "Scheme":
@@ -110,8 +159,24 @@ register_preset(Scheme(
     weights=QuantArgs(num_bits=8, strategy="channel"),
     input_activations=QuantArgs(num_bits=8, strategy="token", dynamic=True),
 ))
+register_preset(Scheme(
+    name="w8a8-static",
+    weights=QuantArgs(num_bits=8, strategy="channel"),
+    input_activations=QuantArgs(num_bits=8, strategy="tensor"),
+))
 register_preset(Scheme(name="w8a16", weights=QuantArgs(num_bits=8, strategy="channel")))
 register_preset(Scheme(name="w4a16", weights=QuantArgs(num_bits=4, strategy="group", group_size=64)))
+# FP8 E4M3, named as llm-compressor names them: FP8_DYNAMIC (per-token activations) and FP8 (static).
+register_preset(Scheme(
+    name="fp8-dynamic",
+    weights=QuantArgs(num_bits=8, type="float", strategy="channel"),
+    input_activations=QuantArgs(num_bits=8, type="float", strategy="token", dynamic=True),
+))
+register_preset(Scheme(
+    name="fp8",
+    weights=QuantArgs(num_bits=8, type="float", strategy="channel"),
+    input_activations=QuantArgs(num_bits=8, type="float", strategy="tensor"),
+))
 
 
 def get_scheme(name: str, group_size: Optional[int] = None) -> Scheme:
@@ -121,3 +186,27 @@ def get_scheme(name: str, group_size: Optional[int] = None) -> Scheme:
         raise SchemeError(f"unknown scheme {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
     scheme = PRESETS[key]
     return scheme.with_group_size(group_size) if group_size else scheme
+
+
+def parse_override(text: str, symmetric: Optional[bool] = None) -> Override:
+    """``PATTERN=PRESET[:gN]``: layers matching PATTERN (a name, a name suffix, or ``re:REGEX``) take the
+    weight quantization of PRESET, optionally with group size N; e.g. ``re:.*down_proj$=w8a16``."""
+    pattern, sep, spec = text.rpartition("=")
+    if not sep or not pattern or not spec:
+        raise SchemeError(f"override {text!r} is not PATTERN=PRESET[:gN] (e.g. 're:.*down_proj$=w8a16' or "
+                          f"'down_proj=w4a16:g32')")
+    name, _, group = spec.partition(":")
+    group_size = None
+    if group:
+        if not re.fullmatch(r"g\d+", group):
+            raise SchemeError(f"override {text!r}: write the group size as gN (e.g. :g32), not {group!r}")
+        group_size = int(group[1:])
+    weights = get_scheme(name, group_size).weights
+    if symmetric is not None and weights.type == "int":
+        weights = dataclasses.replace(weights, symmetric=symmetric)
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise SchemeError(f"override {text!r}: bad regular expression ({exc})") from None
+    return Override((pattern,), weights)

@@ -73,7 +73,7 @@ def awq_clip(x: torch.Tensor, weight: torch.Tensor, args: QuantArgs, grid: int =
         hi = torch.maximum(-lo, hi)
         lo = -hi
     ref = torch.einsum("ngk,ogk->nog", xg, wg)
-    best_err = torch.full((out, cols // group), float("inf"))
+    best_err = torch.full((out, cols // group), float("inf"), device=w.device)
     best = wg.clone()
     for i in range(int(grid * max_shrink) + 1):
         shrink = 1 - i / grid

@@ -60,7 +60,7 @@ def test_w4a16_packed_weights_decode_with_the_library(tiny, tmp_path):
 
 def test_group_size_that_does_not_fit_lists_layers_and_fits(tmp_path):
     model = make_tiny_llama(tmp_path / "odd", hidden=96, intermediate=160)
-    with pytest.raises(SchemeError, match=r"group size 64 does not divide .*q_proj \(96 inputs\).*fit every layer: 32, 16"):
+    with pytest.raises(SchemeError, match=r"group size does not divide .*q_proj \(96 inputs, group 64\).*fit every layer: 32, 16.*--group-size auto"):
         quantize_checkpoint(model, get_scheme("w4a16"), "rtn", tmp_path / "out", progress=False, log=lambda m: None)
     assert not (tmp_path / "out").exists()
 
