@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 RECIPES = [("w4a16", "rtn", {}), ("w4a16", "gptq", {}), ("w4a16", "awq", {}), ("w4a16", "awq+gptq", {}),
            ("w4a16", "rtn", {"symmetric": False}), ("w4a16", "gptq", {"symmetric": False}),
-           ("w4a16", "awq", {"symmetric": False}),
+           ("w4a16", "awq", {"symmetric": False}), ("w4a16", "awq+gptq", {"symmetric": False}),
            ("w8a8", "rtn", {}), ("w8a8", "smoothquant", {}), ("w8a8", "gptq", {}), ("w8a8", "smoothquant+gptq", {})]
 
 CHILD = """
@@ -55,9 +55,15 @@ def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool
     from quantize import numerics
     from quantize.schemes import QuantArgs
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)  # as vLLM computes
+    from quantize.layerwise import compute_dtype
+
+    # weights rounded to bf16 as the checkpoint stores them; computed in float32 on CPUs without bf16
+    # units (3x faster there, and the more exact figure), else in bf16 as vLLM does
+    dtype = compute_dtype(torch.device("cpu"), torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     if ckpt is not None:
-        missing, _ = model.load_state_dict(dequantized_state_dict(ckpt, torch.bfloat16), strict=False)
+        state = {k: v.to(dtype) for k, v in dequantized_state_dict(ckpt, torch.bfloat16).items()}
+        missing, _ = model.load_state_dict(state, strict=False)
         assert all("lm_head" in m for m in missing), missing
         model.tie_weights()
     if act_quant:
@@ -86,6 +92,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--only", nargs="*", help="methods (gptq) or scheme/method labels (w4a16-asym/awq) to run")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--no-ppl", action="store_true", help="time and measure memory only")
     args = parser.parse_args()
 
     from exporters.models import prepare_model
@@ -108,8 +115,18 @@ def main() -> None:
         base = {"scheme": "bf16", "method": "-", "wall_s": None, "peak_rss_mib": None, "checkpoint": None}
         rows.insert(0, base)
         for row in rows:
-            row["perplexity"] = perplexity(model, row.pop("checkpoint"), args.windows, row["scheme"] == "w8a8")
+            checkpoint = row.pop("checkpoint")
+            if args.no_ppl:
+                row["perplexity"] = float("nan")
+                continue
+            row["perplexity"] = perplexity(model, checkpoint, args.windows, row["scheme"] == "w8a8")
             print(f"{row['scheme']} {row['method']}: ppl {row['perplexity']:.3f}", flush=True)
+    import torch
+
+    from quantize.layerwise import compute_dtype
+
+    print(f"\n{args.samples} x {args.seq_len} calibration tokens; perplexity over {args.windows} x 2048 tokens, "
+          f"computed in {compute_dtype(torch.device('cpu'), torch.bfloat16)}; {torch.get_num_threads()} threads")
     print("\n| scheme | method | wall s | peak RSS MiB | WikiText-2 ppl |\n|---|---|---|---|---|")
     for r in rows:
         wall = f"{r['wall_s']:.1f}" if r["wall_s"] else "-"

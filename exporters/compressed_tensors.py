@@ -15,7 +15,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
 from quantize.methods import QuantizedWeight
-from quantize.schemes import QuantArgs, Scheme
+from quantize.schemes import Override, QuantArgs, Scheme
 
 
 def format_for(scheme: Scheme) -> str:
@@ -73,3 +73,19 @@ def quantization_config(scheme: Scheme) -> dict[str, Any]:
         "global_compression_ratio": None,
         "sparsity_config": {},
     }
+
+
+def _args_from_config(cfg: dict[str, Any]) -> QuantArgs:
+    return QuantArgs(**{k: cfg[k] for k in ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic")})
+
+
+def scheme_from_config(quant_config: dict[str, Any], name: str = "checkpoint") -> Scheme:
+    """The scheme a ``quantization_config`` describes: the ``Linear`` group as the default, other groups
+    (name patterns) as overrides."""
+    groups = list(quant_config["config_groups"].values())
+    default = next((g for g in groups if "Linear" in g["targets"]), groups[0])
+    acts = default.get("input_activations")
+    overrides = tuple(Override(tuple(g["targets"]), _args_from_config(g["weights"])) for g in groups if g is not default)
+    return Scheme(name=name, weights=_args_from_config(default["weights"]),
+                  input_activations=_args_from_config(acts) if acts else None,
+                  targets=tuple(default["targets"]), ignore=tuple(quant_config.get("ignore", ())), overrides=overrides)

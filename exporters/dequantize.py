@@ -8,13 +8,8 @@ from pathlib import Path
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
+from exporters.compressed_tensors import scheme_from_config
 from quantize import numerics
-from quantize.schemes import QuantArgs
-
-
-def _weight_args(config: dict) -> QuantArgs:
-    weights = config["quantization_config"]["config_groups"]["group_0"]["weights"]
-    return QuantArgs(**{k: weights[k] for k in ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic")})
 
 
 def dequantized_state_dict(ckpt_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -23,7 +18,7 @@ def dequantized_state_dict(ckpt_dir: Path, dtype: torch.dtype = torch.float32) -
 
     ckpt_dir = Path(ckpt_dir)
     config = json.loads((ckpt_dir / "config.json").read_text())
-    args = _weight_args(config)
+    scheme = scheme_from_config(config["quantization_config"])
     raw: dict[str, torch.Tensor] = {}
     for path in sorted(ckpt_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
@@ -32,6 +27,7 @@ def dequantized_state_dict(ckpt_dir: Path, dtype: torch.dtype = torch.float32) -
     for key, tensor in raw.items():
         if key.endswith(".weight_scale"):
             prefix = key.removesuffix(".weight_scale")
+            args = scheme.weights_for(prefix)
             if f"{prefix}.weight_packed" in raw:
                 shape = torch.Size(raw[f"{prefix}.weight_shape"].tolist())
                 q = unpack_from_int32(raw[f"{prefix}.weight_packed"], args.num_bits, shape)
@@ -41,7 +37,7 @@ def dequantized_state_dict(ckpt_dir: Path, dtype: torch.dtype = torch.float32) -
             if f"{prefix}.weight_packed" in raw and f"{prefix}.weight_zero_point" in raw:
                 zero = unpack_from_int32(zero, args.num_bits, tensor.shape, packed_dim=0)
             out[f"{prefix}.weight"] = numerics.dequantize(q, tensor.float(), zero.to(torch.int32), args).to(dtype)
-        elif not key.endswith((".weight_packed", ".weight_shape", ".weight_zero_point")) and key not in out:
+        elif not key.endswith((".weight_packed", ".weight_shape", ".weight_zero_point", ".input_scale")) and key not in out:
             if key.endswith(".weight") and f"{key}_scale" in raw:
                 continue  # an int8 weight: decoded with its scale above
             out[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor

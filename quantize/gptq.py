@@ -59,21 +59,26 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs,
         scale = torch.zeros(rows, cols // group, device=w.device)
         zero = torch.zeros(rows, cols // group, dtype=torch.int32, device=w.device)
     perm_list = perm.tolist()
+    diag = torch.diag(hinv).tolist()
+    g_now, s, z = -1, None, None
     for b0 in range(0, cols, config.block_size):
         b1 = min(b0 + config.block_size, cols)
         block, err = w[:, b0:b1].clone(), torch.zeros(rows, b1 - b0, device=w.device)
+        q_block = torch.zeros(rows, b1 - b0, device=w.device)
         for i in range(b1 - b0):
-            col = perm_list[b0 + i]
-            g = col // group
+            g = perm_list[b0 + i] // group
             if not static and (b0 + i) % group == 0:  # as the reference: the group's weights before this block
-                s, z = numerics.compute_qparams(w[:, b0 + i:b0 + i + group], _channel(args))
-                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
-            s, z = scale[:, g:g + 1], zero[:, g:g + 1]
-            qcol = numerics.round_to_grid(block[:, i:i + 1] / s + z, args)
-            q[:, col] = qcol[:, 0]
-            e = (block[:, i:i + 1] - (qcol - z) * s) / hinv[b0 + i, b0 + i]
-            block[:, i:] -= e * hinv[b0 + i, b0 + i:b1].unsqueeze(0)
-            err[:, i:i + 1] = e
+                gs, gz = numerics.compute_qparams(w[:, b0 + i:b0 + i + group], _channel(args))
+                scale[:, g], zero[:, g] = gs[:, 0], gz[:, 0]
+            if g != g_now:  # 1-D scale and zero of this column's group (float: cheap elementwise ops)
+                g_now, s, z = g, scale[:, g].contiguous(), zero[:, g].float()
+            column = block[:, i]
+            qcol = numerics.round_to_grid(column / s + z, args)
+            q_block[:, i] = qcol
+            e = (column - (qcol - z) * s) / diag[b0 + i]
+            block[:, i:].addr_(e, hinv[b0 + i, b0 + i:b1], alpha=-1)  # push the error onto later columns
+            err[:, i] = e
+        q[:, perm[b0:b1]] = q_block
         w[:, b1:] -= err @ hinv[b0:b1, b1:]
     return q.to(torch.float8_e4m3fn if args.type == "float" else torch.int8), scale, zero, damp
 

@@ -20,8 +20,10 @@ from quantize.methods import QuantizedWeight, Recipe, quantize_weight
 from quantize.schemes import QuantArgs, Scheme
 from quantize.transforms import LLAMA_MAPPINGS, awq_clip, awq_scales, fold_scales, smoothquant_scales
 
-BATCH = 8
+BATCH = 4  # samples per forward: 8 gave the same speed with ~400 MiB more peak RSS (allocator high water)
 AWQ_SAMPLE_TOKENS = 4096
+REPORT_TOKENS = 1024  # enough for the report's cosine / relative error; fewer matmuls per linear
+HESSIAN_BLOCKS = 4
 
 
 class _Caught(Exception):
@@ -41,7 +43,7 @@ class LayerReport:
     input_kurtosis_before: dict[str, float] = field(default_factory=dict)
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Returns freed heap pages to the OS: without it glibc keeps each layer's scratch tensors'
     fragments and the process grows with depth (measured: +40 MiB per layer on the demo model)."""
     try:
@@ -56,42 +58,70 @@ def _kurtosis(t: torch.Tensor) -> float:
     return float(centered.pow(4).mean() / centered.pow(2).mean().clamp(min=1e-20).pow(2))
 
 
-class Stats:
-    """Per-linear input statistics gathered by forward hooks over all calibration batches."""
+class _StopLayer(Exception):
+    """Raised once the last linear's input is recorded: the rest of the layer's output is not needed."""
 
-    def __init__(self, hessian: bool) -> None:
-        self.want_hessian = hessian
+
+def _add_upper_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """Adds ``x^T x`` to ``acc`` on and above the diagonal blocks only (symmetric: ~30 % fewer flops)."""
+    n = x.shape[1]
+    step = -(-n // HESSIAN_BLOCKS)
+    for i in range(0, n, step):
+        acc[i:i + step, i:].addmm_(x[:, i:i + step].T, x[:, i:])
+
+
+class Stats:
+    """Per-linear input statistics gathered by forward pre-hooks over all calibration batches.
+
+    ``absmax`` (per input channel) only when asked for (SmoothQuant, static activation scales); Hessian
+    sums ``x^T x`` accumulated in place and shared by linears that read the same tensor (q/k/v, gate/up).
+    """
+
+    def __init__(self, hessian: bool, absmax: bool) -> None:
+        self.want_hessian, self.want_absmax = hessian, absmax
         self.absmax: dict[str, torch.Tensor] = {}
-        self.hessian: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
         self.samples: dict[str, list[torch.Tensor]] = {}
-        self._last_product: tuple[Any, torch.Tensor] = (None, torch.empty(0))
+        self._hessian: dict[str, torch.Tensor] = {}
+        self._shares: dict[str, str] = {}  # linear -> the linear whose Hessian accumulator it reads
+        self._last_input: tuple[Any, str] = (None, "")
+        self.order: list[str] = []  # linears in the order they ran (first batch)
+        self.last: str | None = None  # once known, the layer stops at this linear's input
 
-    def _product(self, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``x^T x`` in float32, computed once for linears that read the same input (q/k/v, gate/up)."""
+    def _accumulate_hessian(self, name: str, raw: torch.Tensor, x: torch.Tensor) -> None:
         key = (raw.data_ptr(), tuple(raw.shape))
-        if self._last_product[0] != key:
-            self._last_product = (key, x.T @ x)
-        return self._last_product[1]
+        if name not in self._shares:  # first batch: does it read the tensor the previous linear read?
+            self._shares[name] = self._shares[self._last_input[1]] if self._last_input[0] == key else name
+        self._last_input = (key, name)
+        if self._shares[name] != name:
+            return
+        if name not in self._hessian:
+            self._hessian[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        _add_upper_gram(self._hessian[name], x)
 
     def hook(self, name: str) -> Callable:
-        def record(_module: torch.nn.Module, inputs: tuple, _output: Any) -> None:
+        def record(_module: torch.nn.Module, inputs: tuple) -> None:
+            if name not in self.count:
+                self.order.append(name)
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            amax = x.abs().amax(dim=0)
-            self.absmax[name] = torch.maximum(self.absmax[name], amax) if name in self.absmax else amax
+            if self.want_absmax:
+                amax = x.abs().amax(dim=0)
+                self.absmax[name] = torch.maximum(self.absmax[name], amax) if name in self.absmax else amax
             self.count[name] = self.count.get(name, 0) + x.shape[0]
             if self.want_hessian:
-                h = self._product(inputs[0], x)
-                self.hessian[name] = self.hessian[name] + h if name in self.hessian else h.clone()
+                self._accumulate_hessian(name, inputs[0], x)
             if sum(len(s) for s in self.samples.get(name, [])) < AWQ_SAMPLE_TOKENS:
                 stride = max(1, x.shape[0] * BATCH // AWQ_SAMPLE_TOKENS)
                 # a copy: a strided view would keep the whole float32 batch alive (~90 MiB per batch)
                 self.samples.setdefault(name, []).append(x[::stride].clone())
+            if name == self.last:
+                raise _StopLayer
 
         return record
 
     def hessian_of(self, name: str) -> torch.Tensor:
-        return 2 * self.hessian[name] / self.count[name]
+        upper = self._hessian[self._shares[name]]
+        return 2 * (torch.triu(upper) + torch.triu(upper, 1).T) / self.count[name]
 
     def samples_of(self, name: str) -> torch.Tensor:
         return torch.cat(self.samples[name])[:AWQ_SAMPLE_TOKENS]
@@ -102,34 +132,45 @@ def _linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 
 
 @torch.no_grad()
-def _run(layer: torch.nn.Module, shell: "_Layers") -> list[torch.Tensor]:
-    """The layer's outputs over all stored inputs: computed in the compute dtype, stored in the checkpoint's."""
-    outs = []
-    for hidden, kwargs in shell.inputs:
+def _propagate(layer: torch.nn.Module, shell: "_Layers") -> None:
+    """Replaces each stored input by the layer's output on it (computed in the compute dtype, stored in the
+    checkpoint's), batch by batch, so inputs and outputs are never all held at once."""
+    for i, (hidden, kwargs) in enumerate(shell.inputs):
         out = layer(hidden.to(shell.dtype), **kwargs)
-        outs.append((out[0] if isinstance(out, tuple) else out).to(shell.store_dtype))
-    return outs
+        shell.inputs[i] = ((out[0] if isinstance(out, tuple) else out).to(shell.store_dtype), kwargs)
 
 
 @torch.no_grad()
-def _collect(layer: torch.nn.Module, shell: "_Layers", hessian: bool) -> Stats:
-    stats = Stats(hessian)
-    handles = [m.register_forward_hook(stats.hook(n)) for n, m in _linears(layer).items()]
+def _collect(layer: torch.nn.Module, shell: "_Layers", hessian: bool, absmax: bool) -> Stats:
+    """Input statistics of every linear; from the second batch on, the layer stops at its last linear."""
+    stats = Stats(hessian, absmax)
+    handles = [m.register_forward_pre_hook(stats.hook(n)) for n, m in _linears(layer).items()]
     try:
-        _run(layer, shell)
+        for hidden, kwargs in shell.inputs:
+            try:
+                layer(hidden.to(shell.dtype), **kwargs)
+            except _StopLayer:
+                pass
+            stats.last = stats.order[-1] if stats.order else None
     finally:
         for h in handles:
             h.remove()
     return stats
 
 
-def check_mappings(layer: torch.nn.Module, recipe: Recipe) -> None:
-    """Fails before any work when a transform cannot find the modules it rescales."""
-    if not recipe.transforms:
-        return
+def check_mappings(model: torch.nn.Module, recipe: Recipe) -> None:
+    """Fails before any work when the model has no Llama-style decoder layers (``model.layers.N``), which the
+    layer-by-layer pipeline walks, or when a transform cannot find the modules it rescales."""
     from quantize.methods import MethodError
 
-    names = dict(layer.named_modules())
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise MethodError(f"{recipe.name} calibrates layer by layer and needs decoder layers at model.layers.N "
+                          f"(Llama, Mistral, Qwen2 and kin); {type(model).__name__} has none. "
+                          f"Round-to-nearest (--method rtn) works on any architecture")
+    if not recipe.transforms:
+        return
+    names = dict(layers[0].named_modules())
     missing = [m for mp in LLAMA_MAPPINGS for m in (mp.smooth, *mp.balance) if m not in names]
     if missing:
         raise MethodError(f"{'+'.join(recipe.transforms)} cannot apply to this architecture: no modules named "
@@ -224,7 +265,7 @@ def _quantize_linear(name: str, linear: torch.nn.Linear, args: QuantArgs, stats:
             calibration["gptq"] = gptq_config
     weight = linear.weight.detach().float()
     qw = quantize_weight(weight, args, recipe.quantizer, calibration)
-    x = stats.samples_of(name)
+    x = stats.samples_of(name)[:REPORT_TOKENS]
     ref_out, new_weight = x @ weight.T, qw.dequantize()
     q_out = x @ new_weight.T
     report.output_cosine[name] = float(torch.nn.functional.cosine_similarity(ref_out.flatten(), q_out.flatten(), dim=0))
@@ -251,6 +292,8 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
     ``input_scale`` set for static activation schemes) and a report."""
     device = torch.device(device)
     shell = _catch_inputs(embed, config, samples, device)
+    del embed  # the caller may drop its reference too: nothing here needs the embedding again
+    release_freed_memory()
     for index in range(len(shell.layers)):
         start, report, prefix = time.perf_counter(), LayerReport(index), f"model.layers.{index}."
         layer = shell.layers[index]
@@ -262,22 +305,22 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
         targets = {n: m for n, m in _linears(layer).items() if is_target(prefix + n)}
         args = {n: scheme.weights_for(prefix + n) for n in targets}
         if recipe.transforms:
-            stats = _collect(layer, shell, hessian=False)
+            stats = _collect(layer, shell, hessian=False, absmax="smoothquant" in recipe.transforms)
             report.input_kurtosis_before = {n: _kurtosis(stats.samples_of(n)) for n in targets}
             report.weight_kurtosis_before = {n: _kurtosis(m.weight) for n, m in targets.items()}
             _transform(layer, stats, recipe, args, alpha)
-        stats = _collect(layer, shell, hessian=recipe.quantizer == "gptq")
+        stats = _collect(layer, shell, hessian=recipe.quantizer == "gptq", absmax=scheme.static_activations)
         quantized = {}
         for name, linear in targets.items():
             qw = _quantize_linear(name, linear, args[name], stats, recipe, gptq_config, report)
             scale = _input_scale(stats, name, scheme.input_activations) if scheme.static_activations else None
             quantized[prefix + name] = qw.to_cpu(input_scale=scale)
         del stats
-        outputs = _run(layer, shell)
-        shell.inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, shell.inputs)]
+        if index + 1 < len(shell.layers):  # the last layer's outputs feed nothing
+            _propagate(layer, shell)
         floats = {prefix + k: v.detach().to("cpu", dtypes[prefix + k]) for k, v in layer.state_dict().items()
                   if prefix + k in dtypes and k.removesuffix(".weight") not in targets}
         report.seconds = time.perf_counter() - start
         layer.to("meta")
-        _release_freed_memory()
+        release_freed_memory()
         yield index, floats, quantized, report

@@ -155,18 +155,20 @@ def _write_calibrated(model_dir: Path, files: list[Path], targets: dict[str, str
     config = AutoConfig.from_pretrained(model_dir)
     load = _layer_loader(files)
     outside = load(-1)
-    embed = outside["model.embed_tokens.weight"]  # read once: written out and used for the calibration inputs
-    writer.add(outside)
+    writer.add(outside)  # spilled to disk at once
+    embed = outside.pop("model.embed_tokens.weight")  # read once: written out and used for the calibration inputs
+    dtype = embed.dtype
     del outside
     reports = []
     layers = calibrated_layers(embed, load, config, samples, scheme, recipe,
                                is_target=lambda name: f"{name}.weight" in targets, alpha=options.smoothquant_alpha,
                                gptq_config=options.gptq, device=options.device)
+    del embed  # the generator drops its own reference once the calibration inputs exist
     for index, floats, quantized, report in tqdm(layers, total=config.num_hidden_layers, disable=not progress,
                                                  desc=f"quantize {scheme.name}/{recipe.name}", unit="layer"):
         writer.add(floats)
         for name, qw in quantized.items():
-            writer.add(compressed_tensors.layer_tensors(name, qw, scheme, embed.dtype))
+            writer.add(compressed_tensors.layer_tensors(name, qw, scheme, dtype))
         reports.append(asdict(report))
     return reports
 
@@ -217,10 +219,11 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
     if needs_calibration:
         from transformers import AutoTokenizer
 
-        from quantize.layerwise import check_mappings
+        from quantize.layerwise import check_mappings, release_freed_memory
 
-        check_mappings(model.model.layers[0], recipe)
+        check_mappings(model, recipe)
         samples, calibration_report = load_calibration(options.calibration, AutoTokenizer.from_pretrained(model_dir))
+        release_freed_memory()  # tokenizing the whole text leaves ~100 MiB of freed heap behind
         log(f"calibrating on {samples.shape[0]} x {samples.shape[1]} tokens of {calibration_report['file']}")
     del model
     target_weights = {f"{n}.weight": n for n in targets}

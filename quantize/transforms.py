@@ -39,50 +39,57 @@ def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], al
 
 
 def awq_scales(x: torch.Tensor, weights: list[torch.Tensor], args: QuantArgs, grid: int = 20) -> torch.Tensor:
-    """Grid search of ``s = mean|X|^r`` (r in [0, 1)) minimising the quantized outputs' squared error."""
+    """Grid search of ``s = mean|X|^r`` (r in [0, 1)) minimising the quantized outputs' squared error.
+
+    The error ``||X (Q(W s)/s - W)^T||^2`` is computed through the Gram matrix ``X^T X`` (in x in), which is
+    cheaper than the outputs themselves when there are more tokens than input channels. The balance
+    layers read the same input, so their rows are stacked (quantization is per row or per row-group).
+    """
     x = x.float()
-    ws = [w.float() for w in weights]
-    reference = [x @ w.T for w in ws]
+    gram = x.T @ x
+    w = torch.cat([w.float() for w in weights])
     x_mean = x.abs().mean(dim=0)
     best_err, best = float("inf"), torch.ones_like(x_mean)
     for r in range(grid):
         s = x_mean.pow(r / grid).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = sum(float(((x / s) @ numerics.fake_quantize(w * s, args).T - ref).pow(2).mean())
-                  for w, ref in zip(ws, reference))
+        delta = numerics.fake_quantize(w * s, args) / s - w
+        err = float(((delta @ gram) * delta).sum())
         if err < best_err:
             best_err, best = err, s
     return best
 
 
 def awq_clip(x: torch.Tensor, weight: torch.Tensor, args: QuantArgs, grid: int = 20,
-             max_shrink: float = 0.5, max_tokens: int = 512) -> torch.Tensor:
+             max_shrink: float = 0.5) -> torch.Tensor:
     """Clips each group's range where that lowers the group's output error on ``x``; returns clipped weights.
 
     The search shrinks ``[min, max]`` (asymmetric) or ``[-absmax, absmax]`` (symmetric) alike, so the
-    clipping matches the quantizer's symmetry.
+    clipping matches the quantizer's symmetry. A group's error is ``d G d^T`` with ``d`` its weight error
+    and ``G`` the group's block of ``X^T X``.
     """
-    x = x[:: max(1, x.shape[0] // max_tokens)][:max_tokens]  # AutoAWQ's budget: the search is per group
     w = weight.float()
     out, cols = w.shape
     group = args.group_size if args.strategy == "group" else cols
-    xg = x.float().reshape(x.shape[0], cols // group, group)          # [n, G, g]
-    wg = w.reshape(out, cols // group, group)                          # [out, G, g]
+    n_groups = cols // group
+    xg = x.float().reshape(x.shape[0], n_groups, group)
+    gram = torch.einsum("ngk,ngl->gkl", xg, xg)                         # [G, g, g]
+    wg = w.reshape(out, n_groups, group)                               # [out, G, g]
     lo, hi = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
     if args.symmetric:
         hi = torch.maximum(-lo, hi)
         lo = -hi
-    ref = torch.einsum("ngk,ogk->nog", xg, wg)
-    best_err = torch.full((out, cols // group), float("inf"), device=w.device)
+    best_err = torch.full((out, n_groups), float("inf"), device=w.device)
     best = wg.clone()
     for i in range(int(grid * max_shrink) + 1):
         shrink = 1 - i / grid
         clipped = torch.clamp(wg, lo * shrink, hi * shrink).reshape(out, cols)
-        q = numerics.fake_quantize(clipped, args).reshape(out, cols // group, group)
-        err = (torch.einsum("ngk,ogk->nog", xg, q) - ref).pow(2).mean(dim=0)
+        q = numerics.fake_quantize(clipped, args).reshape(out, n_groups, group)
+        d = q - wg
+        err = torch.einsum("ogk,gkl,ogl->og", d, gram, d)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best = torch.where(better.unsqueeze(-1), clipped.reshape(out, cols // group, group), best)
+        best = torch.where(better.unsqueeze(-1), clipped.reshape(out, n_groups, group), best)
     return best.reshape(out, cols).to(weight.dtype)
 
 

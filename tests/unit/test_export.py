@@ -71,3 +71,21 @@ def test_shard_writer_splits_and_indexes(tmp_path):
     assert len(files) == 3 and files[0].endswith("-of-00003.safetensors")
     with safe_open(str(tmp_path / index["weight_map"]["t4"]), framework="pt") as f:
         assert f.get_tensor("t4").shape == (100,)
+
+
+def test_shard_writer_streams_every_dtype_the_exports_use(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = {"bf16": torch.randn(3, 5).bfloat16(), "fp8": torch.randn(4, 4).to(torch.float8_e4m3fn),
+               "i32": torch.arange(7, dtype=torch.int32), "i8": torch.arange(-4, 4, dtype=torch.int8).reshape(2, 4),
+               "scalar": torch.tensor(2.5), "i64": torch.tensor([3, 4], dtype=torch.int64)}
+    writer = ShardWriter(tmp_path)
+    for name, tensor in tensors.items():
+        writer.add({name: tensor})
+    writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no spill file left
+    loaded = load_file(str(tmp_path / "model.safetensors"))
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
+        assert torch.equal(loaded[name].view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else loaded[name],
+                           tensor.view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else tensor)

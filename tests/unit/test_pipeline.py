@@ -12,21 +12,7 @@ from safetensors import safe_open
 from quantize import pipeline
 from quantize.pipeline import quantize_checkpoint
 from quantize.schemes import SchemeError, get_scheme
-
-
-def make_tiny_llama(path, hidden=128, intermediate=256):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+from tests.unit.tiny import make_tiny_llama
 
 
 def _tensors(path):
@@ -79,33 +65,6 @@ def test_failure_midway_leaves_no_output(tiny, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         quantize_checkpoint(tiny, get_scheme("w8a8"), "rtn", tmp_path / "out", progress=False, log=lambda m: None)
     assert list(tmp_path.iterdir()) == []
-
-
-def _add_tokenizer(path, vocab_size: int = 300):
-    """A small byte-level BPE tokenizer trained on the shared text, saved beside the tiny model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from loadtest.data import data_file
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([data_file("wikitext2-valid.tokens").read_text(encoding="utf-8")[:100_000]], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-tok") / "model"
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=300, tie_word_embeddings=False)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    _add_tokenizer(path)
-    return path
 
 
 def _logits(model_dir, state=None):

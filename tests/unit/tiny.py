@@ -1,0 +1,40 @@
+"""Tiny random Llama checkpoints for pipeline tests (seconds to build, no hub)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_tiny_llama(path, hidden=128, intermediate=256):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _add_tokenizer(path, vocab_size: int = 300):
+    """A small byte-level BPE tokenizer trained on the shared text, saved beside the tiny model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from loadtest.data import data_file
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([data_file("wikitext2-valid.tokens").read_text(encoding="utf-8")[:100_000]], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+
+
+def make_tiny_llama_with_tokenizer(path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=300, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    _add_tokenizer(path)
+    return path
