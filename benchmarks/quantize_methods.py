@@ -108,7 +108,9 @@ def main() -> None:
             out = Path(tmp) / f"{label}-{method}"
             code = CHILD.format(root=str(ROOT), scheme=scheme, weight_overrides=overrides, samples=args.samples,
                                 seq_len=args.seq_len, model=str(model), method=method, out=str(out))
-            result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+            result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if result.returncode:
+                sys.exit(f"{label} {method} failed:\n{result.stderr[-3000:]}")
             measured = json.loads(result.stdout.strip().splitlines()[-1])
             rows.append({"scheme": label, "method": method, "checkpoint": out, **measured})
             print(f"{label} {method}: {measured['wall_s']:.1f} s, peak RSS {measured['peak_rss_mib']:.0f} MiB", flush=True)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads
     "smollm2-135m": (576, 1536, 30, 9, 3),
     "llama-1b": (2048, 8192, 16, 32, 8),
+    "tiny": (128, 256, 2, 4, 2),  # a smoke test of the script itself
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -78,19 +79,38 @@ def main() -> None:
                 if device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
-                quantize_checkpoint(model, get_scheme(scheme), method, Path(tmp) / "out", force=True, progress=False,
+                out = Path(tmp) / f"out-{device.replace(':', '')}-{scheme}-{method}"
+                quantize_checkpoint(model, get_scheme(scheme), method, out, force=True, progress=False,
                                     options=opts, log=lambda m: None)
                 wall = time.perf_counter() - start
                 gpu = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
                 rows.append((device, recipe, wall, gpu))
                 print(f"{args.model} {device} {recipe}: {wall:.1f} s" + (f", peak GPU {gpu:.2f} GiB" if gpu else ""),
                       flush=True)
+        agreement = _device_agreement(Path(tmp), args.device, args.recipes)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(f"\n{args.model}, {args.samples} x {args.seq_len} calibration tokens; GPU: {name}; "
           f"CPU threads: {torch.get_num_threads()}")
     print("| device | scheme/method | wall s | peak GPU GiB |\n|---|---|---|---|")
     for device, recipe, wall, gpu in rows:
         print(f"| {device} | {recipe} | {wall:.1f} | {'-' if gpu is None else f'{gpu:.2f}'} |")
+    for recipe, diff in agreement.items():
+        print(f"{recipe}: decoded weights, {args.device[0]} vs {args.device[1]}: mean |difference| / mean |weight| = {diff:.2e}")
+
+
+def _device_agreement(tmp: Path, devices: list[str], recipes: list[str]) -> dict[str, float]:
+    """For each recipe run on two devices, how far apart their decoded weights are (rounding-order noise
+    can flip a few integers; a real divergence shows as a large figure)."""
+    from exporters.dequantize import dequantized_state_dict
+
+    if len(devices) < 2:
+        return {}
+    out = {}
+    for recipe in recipes:
+        a, b = (dequantized_state_dict(tmp / f"out-{d.replace(':', '')}-{recipe.replace('/', '-')}") for d in devices[:2])
+        keys = [k for k in a if k.endswith("proj.weight")]
+        out[recipe] = float(sum((a[k] - b[k]).abs().mean() for k in keys) / sum(a[k].abs().mean() for k in keys))
+    return out
 
 
 if __name__ == "__main__":
