@@ -87,8 +87,9 @@ def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id
              device: str = typer.Option("cpu", help="Where calibrated layers run: cpu, cuda, cuda:N."),
              asymmetric: bool = typer.Option(False, "--asym", help="Asymmetric weights (with a zero point)."),
              observer: str = typer.Option("minmax", help="Weight range: minmax, or mse (clipping search)."),
-             calib_file: Optional[Path] = typer.Option(None, help="Calibration text or JSONL "
-                                                                  "(default: shared WikiText-2 validation)."),
+             calib_file: Optional[str] = typer.Option(None, help="Calibration text or JSONL file, or a hub "
+                                                                 "dataset hf:NAME[:CONFIG]:SPLIT (default: shared "
+                                                                 "WikiText-2 validation)."),
              num_samples: int = typer.Option(128, help="Calibration samples."),
              calib_seq_len: int = typer.Option(512, help="Tokens per calibration sample."),
              seed: int = typer.Option(0, help="Seed for choosing calibration windows."),
@@ -122,6 +123,33 @@ def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id
         smoothquant_alpha=smoothquant_alpha, gptq=GPTQConfig(actorder=actorder, dampening=dampening),
         device=device, auto_group_size=auto)
     quantize_checkpoint(resolve_model(model), chosen, method, output, force=force, log=typer.echo, options=options)
+
+
+@app.command()
+@user_errors
+def export(checkpoint: Path = typer.Argument(..., help="A checkpoint written by qserve quantize."),
+           layout: str = typer.Option(..., help="gptq (AutoGPTQ v1 layout) or dequantized (plain float weights)."),
+           output: Path = typer.Option(..., "--output", "-o", help="Output checkpoint directory."),
+           force: bool = typer.Option(False, help="Overwrite an existing output directory.")) -> None:
+    """Rewrite a quantized checkpoint in another layout, losslessly."""
+    from exporters.convert import export_checkpoint
+
+    export_checkpoint(checkpoint, layout, output, force=force, log=typer.echo)
+
+
+@app.command()
+@user_errors
+def inspect(checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+            json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the inspection as JSON.")) -> None:
+    """Print a checkpoint's format, per-module scheme, bits per weight (scales included) and size against
+    bf16, and check that every quantized layer decodes to finite weights of its shape."""
+    from exporters.inspect import inspect_checkpoint
+
+    report = inspect_checkpoint(checkpoint)
+    typer.echo(report.markdown())
+    _write_json(json_out, report.to_dict())
+    if report.problems:
+        raise typer.Exit(1)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

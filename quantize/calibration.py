@@ -21,7 +21,7 @@ class CalibrationSpec:
     num_samples: int = 128
     seq_len: int = 512
     seed: int = 0
-    path: Optional[Path] = None  # default: the shared WikiText-2 validation text
+    path: Optional[Path | str] = None  # default: the shared WikiText-2 validation text; or hf:NAME[:CONFIG]:SPLIT
     text_field: str = "text"
 
 
@@ -39,15 +39,46 @@ def _read_text(path: Path, text_field: str) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
+HUB_PREFIX = "hf:"
+
+
+def _hub_text(spec: str, text_field: str) -> str:
+    """``hf:NAME[:CONFIG]:SPLIT``, e.g. ``hf:wikitext:wikitext-2-raw-v1:validation``, through ``datasets``."""
+    parts = spec[len(HUB_PREFIX):].split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise CalibrationError(f"{spec!r}: write a hub dataset as hf:NAME[:CONFIG]:SPLIT "
+                               f"(e.g. hf:wikitext:wikitext-2-raw-v1:validation)")
+    try:
+        import datasets
+    except ImportError:
+        raise CalibrationError("hub calibration data needs the 'datasets' package (pip install datasets); "
+                               "or pass a local text or JSONL file") from None
+    name, config, split = parts if len(parts) == 3 else (parts[0], None, parts[1])
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # network, auth, unknown name: the library's own message says which
+        raise CalibrationError(f"could not load {spec}: {exc}") from None
+    if text_field not in rows.column_names:
+        raise CalibrationError(f"{spec} has no {text_field!r} column (columns: {', '.join(rows.column_names)})")
+    return "\n\n".join(t for t in rows[text_field] if t)
+
+
 def load_calibration(spec: CalibrationSpec, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Token ids ``[num_samples, seq_len]`` from disjoint windows of the file, and a report of which."""
+    """Token ids ``[num_samples, seq_len]`` from disjoint windows of a local file (text or JSONL) or a hub
+    dataset (``hf:NAME[:CONFIG]:SPLIT``), and a report of which."""
     from loadtest.data import data_file
 
-    path = Path(spec.path) if spec.path else data_file("wikitext2-valid.tokens")
-    if not path.exists():
-        raise CalibrationError(f"calibration file {path} not found; pass --calib-file with a local text or JSONL file")
-    raw = path.read_bytes()
-    ids = tokenizer(_read_text(path, spec.text_field), add_special_tokens=False)["input_ids"]
+    if spec.path is not None and str(spec.path).startswith(HUB_PREFIX):
+        text = _hub_text(str(spec.path), spec.text_field)
+        path, raw = str(spec.path), text.encode()
+    else:
+        path = Path(spec.path) if spec.path else data_file("wikitext2-valid.tokens")
+        if not path.exists():
+            raise CalibrationError(f"calibration file {path} not found; pass --calib-file with a local text or "
+                                   f"JSONL file, or hf:NAME[:CONFIG]:SPLIT where a network exists")
+        raw = path.read_bytes()
+        text = _read_text(path, spec.text_field)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     windows = len(ids) // spec.seq_len
     if windows < spec.num_samples:
         raise CalibrationError(f"{path} has {len(ids):,} tokens: {windows} samples of {spec.seq_len}, "

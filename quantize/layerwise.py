@@ -77,8 +77,10 @@ class Stats:
     sums ``x^T x`` accumulated in place and shared by linears that read the same tensor (q/k/v, gate/up).
     """
 
-    def __init__(self, hessian: bool, absmax: bool) -> None:
+    def __init__(self, hessian: bool, absmax: bool, sample_tokens: int, total_tokens: int) -> None:
         self.want_hessian, self.want_absmax = hessian, absmax
+        self.sample_tokens = sample_tokens
+        self.stride = max(1, total_tokens // sample_tokens)  # samples spread over every batch
         self.absmax: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
         self.samples: dict[str, list[torch.Tensor]] = {}
@@ -110,10 +112,9 @@ class Stats:
             self.count[name] = self.count.get(name, 0) + x.shape[0]
             if self.want_hessian:
                 self._accumulate_hessian(name, inputs[0], x)
-            if sum(len(s) for s in self.samples.get(name, [])) < AWQ_SAMPLE_TOKENS:
-                stride = max(1, x.shape[0] * BATCH // AWQ_SAMPLE_TOKENS)
-                # a copy: a strided view would keep the whole float32 batch alive (~90 MiB per batch)
-                self.samples.setdefault(name, []).append(x[::stride].clone())
+            if sum(len(s) for s in self.samples.get(name, [])) < self.sample_tokens:
+                # a copy: a strided view would keep the whole float32 batch alive
+                self.samples.setdefault(name, []).append(x[::self.stride].clone())
             if name == self.last:
                 raise _StopLayer
 
@@ -124,7 +125,7 @@ class Stats:
         return 2 * (torch.triu(upper) + torch.triu(upper, 1).T) / self.count[name]
 
     def samples_of(self, name: str) -> torch.Tensor:
-        return torch.cat(self.samples[name])[:AWQ_SAMPLE_TOKENS]
+        return torch.cat(self.samples[name])[:self.sample_tokens]
 
 
 def _linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -141,9 +142,10 @@ def _propagate(layer: torch.nn.Module, shell: "_Layers") -> None:
 
 
 @torch.no_grad()
-def _collect(layer: torch.nn.Module, shell: "_Layers", hessian: bool, absmax: bool) -> Stats:
+def _collect(layer: torch.nn.Module, shell: "_Layers", hessian: bool, absmax: bool,
+             sample_tokens: int = REPORT_TOKENS) -> Stats:
     """Input statistics of every linear; from the second batch on, the layer stops at its last linear."""
-    stats = Stats(hessian, absmax)
+    stats = Stats(hessian, absmax, sample_tokens, sum(h.shape[0] * h.shape[1] for h, _ in shell.inputs))
     handles = [m.register_forward_pre_hook(stats.hook(n)) for n, m in _linears(layer).items()]
     try:
         for hidden, kwargs in shell.inputs:
@@ -305,7 +307,8 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
         targets = {n: m for n, m in _linears(layer).items() if is_target(prefix + n)}
         args = {n: scheme.weights_for(prefix + n) for n in targets}
         if recipe.transforms:
-            stats = _collect(layer, shell, hessian=False, absmax="smoothquant" in recipe.transforms)
+            stats = _collect(layer, shell, hessian=False, absmax="smoothquant" in recipe.transforms,
+                             sample_tokens=AWQ_SAMPLE_TOKENS if "awq" in recipe.transforms else REPORT_TOKENS)
             report.input_kurtosis_before = {n: _kurtosis(stats.samples_of(n)) for n in targets}
             report.weight_kurtosis_before = {n: _kurtosis(m.weight) for n, m in targets.items()}
             _transform(layer, stats, recipe, args, alpha)

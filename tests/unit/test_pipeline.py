@@ -141,3 +141,18 @@ def test_asymmetric_w4a16_zero_points_round_trip(tiny, tmp_path):
     decoded = dequantized_state_dict(tmp_path / "out")[f"{name}.weight"]
     scale = stored[f"{name}.weight_scale"].float().repeat_interleave(64, dim=1)
     assert (decoded - weight).abs().max() <= scale.max() * 0.51 + 1e-3
+
+
+@pytest.mark.parametrize("spec, message", [("hf:wikitext", "hf:NAME"), ("hf:wikitext:x:y:z", "hf:NAME"),
+                                           ("hf:wikitext:wikitext-2-raw-v1:validation", "needs the 'datasets'")])
+def test_hub_calibration_spec_errors_are_clear(tiny_with_tokenizer, spec, message, monkeypatch):
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from quantize.calibration import CalibrationError, CalibrationSpec, load_calibration
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as on a machine without it: import fails
+
+    with pytest.raises(CalibrationError, match=message):
+        load_calibration(CalibrationSpec(path=spec), AutoTokenizer.from_pretrained(tiny_with_tokenizer))

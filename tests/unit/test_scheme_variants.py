@@ -125,3 +125,37 @@ def test_calibrated_method_on_a_non_llama_architecture_says_what_it_needs(tmp_pa
     with pytest.raises(MethodError, match=r"awq.*model.layers.N.*GPT2LMHeadModel.*--method rtn"):
         quantize_checkpoint(tmp_path / "gpt2", get_scheme("w4a16"), "awq", tmp_path / "out", **QUIET)
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_reports_bits_per_weight_and_decodes_every_layer(tiny, tmp_path):
+    from dataclasses import replace
+
+    from exporters.inspect import inspect_checkpoint
+
+    scheme = replace(get_scheme("w4a16"), overrides=(parse_override(r"re:.*mlp\.down_proj$=w8a16"),))
+    quantize_checkpoint(tiny, scheme, "rtn", tmp_path / "out", **QUIET)
+    report = inspect_checkpoint(tmp_path / "out")
+    assert report.format == "compressed-tensors pack-quantized" and not report.problems
+    by_module = {g.module: g for g in report.groups}
+    # int4 + one bf16 scale per 64 weights = 4.25 bits; int8 per channel + one bf16 scale per 256 = 8.06
+    assert by_module["self_attn.q_proj"].bits_per_weight == pytest.approx(4.25, abs=0.01)
+    assert by_module["mlp.down_proj"].bits_per_weight == pytest.approx(8 + 16 / 256, abs=0.01)
+    assert by_module["mlp.down_proj"].scheme == "int8 channel sym" and by_module["mlp.down_proj"].layers == 2
+    assert report.total_bytes < report.bf16_bytes
+    float_report = inspect_checkpoint(tiny)
+    assert float_report.format.startswith("float") and float_report.total_bytes == float_report.bf16_bytes
+
+
+def test_inspect_flags_a_layer_that_does_not_decode(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from exporters.inspect import inspect_checkpoint
+
+    quantize_checkpoint(tiny, get_scheme("w4a16"), "rtn", tmp_path / "out", **QUIET)
+    path = tmp_path / "out" / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["model.layers.0.mlp.up_proj.weight_scale"] = torch.full_like(
+        tensors["model.layers.0.mlp.up_proj.weight_scale"], float("inf"))
+    save_file(tensors, str(path))
+    report = inspect_checkpoint(tmp_path / "out")
+    assert report.problems == ["model.layers.0.mlp.up_proj: decodes to non-finite values"]

@@ -1,0 +1,174 @@
+"""``inspect_checkpoint``: what a checkpoint holds, how many bits each weight costs, and whether it decodes."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from exporters import gptq
+from exporters.dequantize import QUANT_SUFFIXES, checkpoint_scheme, read_quantized
+from exporters.models import ModelError
+from quantize.methods import QuantizedWeight
+
+
+@dataclass
+class LayerGroup:
+    """Quantized linears that share a module name (across decoder layers) and a scheme."""
+
+    module: str
+    scheme: str
+    layers: int = 0
+    weights: int = 0
+    stored_bytes: int = 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.stored_bytes / max(self.weights, 1)
+
+
+@dataclass
+class Inspection:
+    path: str
+    format: str
+    groups: list[LayerGroup] = field(default_factory=list)
+    other_bytes: int = 0  # embeddings, norms, ignored layers
+    total_bytes: int = 0
+    bf16_bytes: int = 0  # the same parameters stored as bf16
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**{k: v for k, v in self.__dict__.items() if k != "groups"},
+                "groups": [dict(g.__dict__, bits_per_weight=round(g.bits_per_weight, 3)) for g in self.groups]}
+
+    def markdown(self) -> str:
+        lines = [f"{self.path}: {self.format}", "",
+                 "| module | scheme | layers | weights | bits/weight (with scales) |", "|---|---|---|---|---|"]
+        for g in self.groups:
+            lines.append(f"| {g.module} | {g.scheme} | {g.layers} | {g.weights:,} | {g.bits_per_weight:.3f} |")
+        q_weights = sum(g.weights for g in self.groups)
+        q_bytes = sum(g.stored_bytes for g in self.groups)
+        if q_weights:
+            lines.append(f"| all quantized | | {sum(g.layers for g in self.groups)} | {q_weights:,} | "
+                         f"{8 * q_bytes / q_weights:.3f} |")
+        lines += ["", f"total {self.total_bytes / 2**20:.1f} MiB; as bf16 {self.bf16_bytes / 2**20:.1f} MiB "
+                      f"({self.total_bytes / max(self.bf16_bytes, 1):.1%}); other tensors {self.other_bytes / 2**20:.1f} MiB",
+                  "decode check: " + ("every quantized layer decodes to finite weights of its shape"
+                                      if not self.problems else "; ".join(self.problems))]
+        return "\n".join(lines)
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _load(where: dict[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for key in keys:
+        with safe_open(str(where[key]), framework="pt") as f:
+            out[key] = f.get_tensor(key)
+    return out
+
+
+def _describe(args) -> str:
+    kind = f"{args.type}{args.num_bits}"
+    grouping = f"g{args.group_size}" if args.strategy == "group" else args.strategy
+    return f"{kind} {grouping} {'sym' if args.symmetric else 'asym'}"
+
+
+def inspect_checkpoint(ckpt_dir: Path) -> Inspection:
+    """Reads every tensor once, groups quantized linears by module name and scheme, and decodes each."""
+    from safetensors import safe_open
+
+    ckpt_dir = Path(ckpt_dir)
+    files = sorted(ckpt_dir.glob("*.safetensors"))
+    if not (ckpt_dir / "config.json").exists() or not files:
+        raise ModelError(f"{ckpt_dir} is not a checkpoint: it needs config.json and *.safetensors files")
+    layout = _layout_of(ckpt_dir)
+    report = Inspection(str(ckpt_dir), layout.name)
+    groups: dict[tuple[str, str], LayerGroup] = {}
+    where, sizes, numels, floating = {}, {}, {}, {}
+    for path in files:  # metadata only: a layer's tensors may sit in different shards
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                dtype = _DTYPE_BYTES.get(piece.get_dtype(), 4)
+                numels[key] = _numel(piece.get_shape())
+                where[key], sizes[key] = path, numels[key] * dtype
+                floating[key] = piece.get_dtype().startswith(("F", "BF"))
+    prefixes = {k.removesuffix(layout.marker) for k in where if layout.marker and k.endswith(layout.marker)}
+    owned: dict[str, int] = defaultdict(int)
+    for key, nbytes in sizes.items():
+        report.total_bytes += nbytes
+        owner = key.rsplit(".", 1)[0]
+        if owner in prefixes and key.endswith(layout.suffixes):
+            owned[owner] += nbytes
+        else:
+            report.other_bytes += nbytes
+            report.bf16_bytes += 2 * numels[key] if floating[key] else nbytes
+    for prefix in sorted(prefixes):
+        raw = _load(where, [k for k in where if k.rsplit(".", 1)[0] == prefix])
+        _check_layer(report, groups, raw, prefix, owned[prefix], layout)
+    report.groups = sorted(groups.values(), key=lambda g: (g.module, g.scheme))
+    return report
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one checkpoint layout marks and stores its quantized linears."""
+
+    name: str
+    marker: str = ""  # the tensor suffix that identifies a quantized linear
+    suffixes: tuple[str, ...] = ()  # the tensors a quantized linear owns
+    read: Callable[[dict, str], QuantizedWeight] | None = None
+
+
+def _layout_of(ckpt_dir: Path) -> _Layout:
+    config = json.loads((ckpt_dir / "config.json").read_text())
+    quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method == "compressed-tensors":
+        scheme = checkpoint_scheme(ckpt_dir)
+        return _Layout(f"compressed-tensors {quant.get('format', '?')}", ".weight_scale", (*QUANT_SUFFIXES, ".weight"),
+                       lambda raw, p: read_quantized(raw, p, scheme.weights_for(p)))
+    if method == "gptq":
+        return _Layout(f"gptq ({quant.get('checkpoint_format', 'gptq')})", ".qweight", gptq.STORED_SUFFIXES,
+                       lambda raw, p: gptq.read_quantized(raw, p, quant))
+    if method:
+        raise ModelError(f"{ckpt_dir}: inspect reads compressed-tensors and gptq checkpoints, not {method!r}")
+    return _Layout("float (no quantization_config)")
+
+
+def _check_layer(report: Inspection, groups: dict, raw: dict, prefix: str, nbytes: int, layout: _Layout) -> None:
+    try:
+        qw = layout.read(raw, prefix)
+        args, weight = qw.args, qw.dequantize()
+    except Exception as exc:  # a broken layer is reported, the others still checked
+        report.problems.append(f"{prefix}: does not decode ({exc})")
+        return
+    expected = raw.get(f"{prefix}.weight_shape")
+    if expected is not None and list(weight.shape) != expected.tolist():
+        report.problems.append(f"{prefix}: decodes to {list(weight.shape)}, weight_shape says {expected.tolist()}")
+    if not torch.isfinite(weight).all():
+        report.problems.append(f"{prefix}: decodes to non-finite values")
+    module = re.sub(r"^.*?\.\d+\.", "", prefix)  # model.layers.3.mlp.down_proj -> mlp.down_proj
+    group = groups.setdefault((module, _describe(args)), LayerGroup(module, _describe(args)))
+    group.layers += 1
+    group.weights += weight.numel()
+    group.stored_bytes += nbytes
+    report.bf16_bytes += weight.numel() * 2
+

