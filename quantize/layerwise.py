@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -83,7 +84,8 @@ class Stats:
         self.stride = max(1, total_tokens // sample_tokens)  # samples spread over every batch
         self.absmax: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
-        self.samples: dict[str, list[torch.Tensor]] = {}
+        self.samples: dict[str, torch.Tensor] = {}  # preallocated [sample_tokens, in] per linear
+        self.filled: dict[str, int] = {}
         self._hessian: dict[str, torch.Tensor] = {}
         self._shares: dict[str, str] = {}  # linear -> the linear whose Hessian accumulator it reads
         self._last_input: tuple[Any, str] = (None, "")
@@ -108,24 +110,36 @@ class Stats:
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
             if self.want_absmax:
                 amax = x.abs().amax(dim=0)
-                self.absmax[name] = torch.maximum(self.absmax[name], amax) if name in self.absmax else amax
+                if name in self.absmax:  # in place: no small allocation per batch (see _sample)
+                    torch.maximum(self.absmax[name], amax, out=self.absmax[name])
+                else:
+                    self.absmax[name] = amax
             self.count[name] = self.count.get(name, 0) + x.shape[0]
             if self.want_hessian:
                 self._accumulate_hessian(name, inputs[0], x)
-            if sum(len(s) for s in self.samples.get(name, [])) < self.sample_tokens:
-                # a copy: a strided view would keep the whole float32 batch alive
-                self.samples.setdefault(name, []).append(x[::self.stride].clone())
+            self._sample(name, x)
             if name == self.last:
                 raise _StopLayer
 
         return record
+
+    def _sample(self, name: str, x: torch.Tensor) -> None:
+        """Copies every ``stride``-th row into a buffer allocated once: small tensors allocated per batch
+        between the batches' large temporaries fragment the heap (measured: +25 MiB RSS per batch)."""
+        if name not in self.samples:
+            self.samples[name] = torch.empty(self.sample_tokens, x.shape[1], device=x.device)
+            self.filled[name] = 0
+        done = self.filled[name]
+        rows = x[::self.stride][: self.sample_tokens - done]
+        self.samples[name][done:done + len(rows)].copy_(rows)
+        self.filled[name] = done + len(rows)
 
     def hessian_of(self, name: str) -> torch.Tensor:
         upper = self._hessian[self._shares[name]]
         return 2 * (torch.triu(upper) + torch.triu(upper, 1).T) / self.count[name]
 
     def samples_of(self, name: str) -> torch.Tensor:
-        return torch.cat(self.samples[name])[:self.sample_tokens]
+        return self.samples[name][:self.filled[name]]
 
 
 def _linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -151,8 +165,10 @@ def _collect(layer: torch.nn.Module, shell: "_Layers", hessian: bool, absmax: bo
         for hidden, kwargs in shell.inputs:
             try:
                 layer(hidden.to(shell.dtype), **kwargs)
-            except _StopLayer:
-                pass
+            except _StopLayer as stop:
+                # the traceback's frames hold the batch's activations in reference cycles that only the
+                # cyclic GC frees (measured: +25 MiB per batch); clearing them frees the memory now
+                traceback.clear_frames(stop.__traceback__)
             stats.last = stats.order[-1] if stats.order else None
     finally:
         for h in handles:
@@ -250,8 +266,8 @@ def _catch_inputs(embed: torch.Tensor, config: Any, samples: torch.Tensor, devic
     for batch in samples.split(BATCH):
         try:
             base(input_ids=batch.to(device), use_cache=False)
-        except _Caught:
-            pass
+        except _Caught as caught:
+            traceback.clear_frames(caught.__traceback__)
     base.layers[0] = first
     del base.embed_tokens
     return shell
