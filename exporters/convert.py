@@ -18,13 +18,12 @@ import torch
 
 from exporters import gptq
 from exporters.atomic import atomic_output_dir
-from exporters.dequantize import QUANT_SUFFIXES, checkpoint_scheme, decode_layer, read_quantized
+from exporters.dequantize import QUANT_SUFFIXES, checkpoint_scheme, decode_layer, load_tensors, read_quantized
 from exporters.models import ModelError
 from exporters.shards import ShardWriter
+from quantize.pipeline import AUX_FILES
 from quantize.schemes import Scheme, SchemeError
 
-AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-             "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json")
 LAYOUTS = ("gptq", "dequantized")
 
 
@@ -49,16 +48,6 @@ def _tensors_by_layer(src: Path) -> tuple[dict[str, Path], list[str]]:
     return where, sorted({k.removesuffix(".weight_scale") for k in where if k.endswith(".weight_scale")})
 
 
-def _load(where: dict[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for key in keys:
-        with safe_open(str(where[key]), framework="pt") as f:
-            out[key] = f.get_tensor(key)
-    return out
-
-
 def export_checkpoint(src: Path, layout: str, out_dir: Path, force: bool = False,
                       log: Callable[[str], None] = print) -> dict:
     """Writes ``src`` in ``layout`` to ``out_dir``; returns the provenance written to ``qserve.json``."""
@@ -73,7 +62,7 @@ def export_checkpoint(src: Path, layout: str, out_dir: Path, force: bool = False
     with atomic_output_dir(out_dir, force=force) as tmp:
         writer = ShardWriter(tmp)
         for prefix in prefixes:
-            raw = _load(where, [k for k in where if k.rsplit(".", 1)[0] == prefix])
+            raw = load_tensors(where, [k for k in where if k.rsplit(".", 1)[0] == prefix])
             args = scheme.weights_for(prefix)
             if layout == "gptq":
                 writer.add(gptq.layer_tensors(prefix, read_quantized(raw, prefix, args)))
@@ -86,7 +75,7 @@ def export_checkpoint(src: Path, layout: str, out_dir: Path, force: bool = False
             owner = key.rsplit(".", 1)[0]
             if owner in quantized and (key.endswith(QUANT_SUFFIXES) or key.endswith((".weight", ".bias"))):
                 continue
-            writer.add(_load(where, [key]))
+            writer.add(load_tensors(where, [key]))
         writer.close()
         for name in AUX_FILES:
             if (src / name).exists():

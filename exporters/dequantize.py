@@ -58,6 +58,17 @@ def read_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return raw
 
 
+def load_tensors(where: dict[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors, each read from the shard ``where`` maps it to (a layer may span shards)."""
+    from safetensors import safe_open
+
+    out = {}
+    for key in keys:
+        with safe_open(str(where[key]), framework="pt") as f:
+            out[key] = f.get_tensor(key)
+    return out
+
+
 def quantized_prefixes(keys: Iterator[str] | list[str]) -> list[str]:
     return [k.removesuffix(".weight_scale") for k in keys if k.endswith(".weight_scale")]
 

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from exporters import gptq
-from exporters.dequantize import QUANT_SUFFIXES, checkpoint_scheme, read_quantized
+from exporters.dequantize import QUANT_SUFFIXES, checkpoint_scheme, load_tensors, read_quantized
 from exporters.models import ModelError
 from quantize.methods import QuantizedWeight
 
@@ -74,16 +74,6 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def _load(where: dict[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for key in keys:
-        with safe_open(str(where[key]), framework="pt") as f:
-            out[key] = f.get_tensor(key)
-    return out
-
-
 def _describe(args) -> str:
     kind = f"{args.type}{args.num_bits}"
     grouping = f"g{args.group_size}" if args.strategy == "group" else args.strategy
@@ -121,7 +111,7 @@ def inspect_checkpoint(ckpt_dir: Path) -> Inspection:
             report.other_bytes += nbytes
             report.bf16_bytes += 2 * numels[key] if floating[key] else nbytes
     for prefix in sorted(prefixes):
-        raw = _load(where, [k for k in where if k.rsplit(".", 1)[0] == prefix])
+        raw = load_tensors(where, [k for k in where if k.rsplit(".", 1)[0] == prefix])
         _check_layer(report, groups, raw, prefix, owned[prefix], layout)
     report.groups = sorted(groups.values(), key=lambda g: (g.module, g.scheme))
     return report
