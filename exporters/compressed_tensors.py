@@ -12,10 +12,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
 from quantize.methods import QuantizedWeight
 from quantize.schemes import Override, QuantArgs, Scheme
+
+
+MARKER = ".weight_scale"
+# Tensors a quantized linear stores; they are decoded or rewritten, never copied as they are.
+STORED_SUFFIXES = (".weight_packed", ".weight_shape", ".weight_zero_point", ".input_scale", ".weight_scale", ".weight")
+
+
+def check_fits(scheme: Scheme) -> None:
+    """Every qserve scheme fits: compressed-tensors is the layout qserve quantize writes."""
 
 
 def format_for(scheme: Scheme) -> str:
@@ -89,3 +98,20 @@ def scheme_from_config(quant_config: dict[str, Any], name: str = "checkpoint") -
     return Scheme(name=name, weights=_args_from_config(default["weights"]),
                   input_activations=_args_from_config(acts) if acts else None,
                   targets=tuple(default["targets"]), ignore=tuple(quant_config.get("ignore", ())), overrides=overrides)
+
+
+def read_quantized(raw: dict[str, torch.Tensor], prefix: str, args: QuantArgs) -> QuantizedWeight:
+    """Integers, scales (in their stored dtype) and zero points of quantized linear ``prefix``."""
+    scale = raw[f"{prefix}.weight_scale"]
+    packed = f"{prefix}.weight_packed" in raw
+    if packed:
+        q = unpack_from_int32(raw[f"{prefix}.weight_packed"], args.num_bits,
+                              torch.Size(raw[f"{prefix}.weight_shape"].tolist()))
+    else:
+        q = raw[f"{prefix}.weight"]
+    zero = raw.get(f"{prefix}.weight_zero_point")
+    if zero is None:
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+    elif packed:
+        zero = unpack_from_int32(zero, args.num_bits, scale.shape, packed_dim=0)
+    return QuantizedWeight(q, scale, zero.to(torch.int32), args, input_scale=raw.get(f"{prefix}.input_scale"))

@@ -1,9 +1,10 @@
-"""``export_checkpoint``: a qserve (compressed-tensors) checkpoint rewritten in another layout.
+"""``export_checkpoint``: a quantized checkpoint rewritten in another layout.
 
-Conversions are lossless: the stored integers and scales are carried over as they are (``gptq``), or
-decoded to the float weights the engine computes with (``dequantized``: loadable by anything that
-loads a plain model, the way to check a backend's numerics against ours). Tensors stream one
-quantized layer at a time; the output appears atomically.
+Conversions are lossless: the stored integers, zero points and scales are carried over as they are
+(compressed-tensors, GPTQ and AWQ in any direction the target can hold), or decoded to the float weights
+the engine computes with (``dequantized``: loadable by anything that loads a plain model, the way to
+check a backend's numerics against ours). Tensors stream one quantized layer at a time; the output
+appears atomically, and a scheme the target cannot hold is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -12,40 +13,33 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from exporters import gptq
 from exporters.atomic import atomic_output_dir
-from exporters.dequantize import QUANT_SUFFIXES, checkpoint_scheme, decode_layer, load_tensors, read_quantized
+from exporters.dequantize import checkpoint_layout, is_layer_tensor, load_tensors, quantized_prefixes, tensor_locations
+from exporters.layouts import LAYOUTS, Layout
 from exporters.models import ModelError
 from exporters.shards import ShardWriter
 from quantize.pipeline import AUX_FILES
 from quantize.schemes import Scheme, SchemeError
 
-LAYOUTS = ("gptq", "dequantized")
+DEQUANTIZED = "dequantized"
+TARGETS = (*LAYOUTS, DEQUANTIZED)
 
 
-def _check(layout: str, scheme: Scheme | None, src: Path) -> None:
-    if layout not in LAYOUTS:
-        raise SchemeError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)} "
-                          f"(qserve quantize already writes compressed-tensors)")
-    if scheme is None:
-        raise ModelError(f"{src} has no compressed-tensors quantization_config: export converts checkpoints that "
-                         f"qserve quantize wrote")
-    if layout == "gptq":
-        gptq.check_fits(scheme)
-
-
-def _tensors_by_layer(src: Path) -> tuple[dict[str, Path], list[str]]:
-    from safetensors import safe_open
-
-    where = {}
-    for path in sorted(src.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            where.update({k: path for k in f.keys()})
-    return where, sorted({k.removesuffix(".weight_scale") for k in where if k.endswith(".weight_scale")})
+def _target(layout: str, source: Optional[Layout], scheme: Optional[Scheme], src: Path) -> Optional[Layout]:
+    """The target layout (None for dequantized), once it is known to hold the source's scheme."""
+    if layout not in TARGETS:
+        raise SchemeError(f"unknown layout {layout!r}; choose one of: {', '.join(TARGETS)}")
+    if source is None or scheme is None:
+        raise ModelError(f"{src} has no quantization_config: export converts quantized checkpoints "
+                         f"(compressed-tensors, gptq or awq); quantize it first with qserve quantize")
+    target = LAYOUTS.get(layout)
+    if target is not None:
+        target.check_fits(scheme)
+    return target
 
 
 def export_checkpoint(src: Path, layout: str, out_dir: Path, force: bool = False,
@@ -53,39 +47,31 @@ def export_checkpoint(src: Path, layout: str, out_dir: Path, force: bool = False
     """Writes ``src`` in ``layout`` to ``out_dir``; returns the provenance written to ``qserve.json``."""
     start = time.perf_counter()
     src = Path(src)
-    scheme = checkpoint_scheme(src)
-    _check(layout, scheme, src)
+    source, scheme = checkpoint_layout(src)
+    target = _target(layout, source, scheme, src)
     config = json.loads((src / "config.json").read_text())
     dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-    where, prefixes = _tensors_by_layer(src)
+    where = tensor_locations(src)
+    prefixes = quantized_prefixes(list(where), source)
     quantized = set(prefixes)
     with atomic_output_dir(out_dir, force=force) as tmp:
         writer = ShardWriter(tmp)
         for prefix in prefixes:
-            raw = load_tensors(where, [k for k in where if k.rsplit(".", 1)[0] == prefix])
-            args = scheme.weights_for(prefix)
-            if layout == "gptq":
-                writer.add(gptq.layer_tensors(prefix, read_quantized(raw, prefix, args)))
-            else:
-                writer.add({f"{prefix}.weight": decode_layer(raw, prefix, args).to(dtype)})
-            bias = raw.get(f"{prefix}.bias")
-            if bias is not None:
-                writer.add({f"{prefix}.bias": bias})
+            raw = load_tensors(where, [k for k in where if is_layer_tensor(k, {prefix}, source)])
+            qw = source.read(raw, prefix, scheme.weights_for(prefix))
+            writer.add(target.write(prefix, qw, scheme) if target else {f"{prefix}.weight": qw.dequantize().to(dtype)})
         for key in where:
-            owner = key.rsplit(".", 1)[0]
-            if owner in quantized and (key.endswith(QUANT_SUFFIXES) or key.endswith((".weight", ".bias"))):
-                continue
-            writer.add(load_tensors(where, [key]))
+            if not is_layer_tensor(key, quantized, source):
+                writer.add(load_tensors(where, [key]))
         writer.close()
         for name in AUX_FILES:
             if (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
-        if layout == "gptq":
-            config["quantization_config"] = gptq.quantization_config(scheme)
-        else:
-            config.pop("quantization_config", None)
+        config.pop("quantization_config", None)
+        if target:
+            config["quantization_config"] = target.config_for(scheme)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        provenance = {"layout": layout, "source": str(src), "scheme": scheme.to_dict(),
+        provenance = {"layout": layout, "source": str(src), "source_layout": source.name, "scheme": scheme.to_dict(),
                       "seconds": round(time.perf_counter() - start, 2), "size_bytes": writer.total_bytes}
         if (src / "qserve.json").exists():
             provenance["source_provenance"] = json.loads((src / "qserve.json").read_text())

@@ -15,9 +15,9 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
 from quantize.methods import QuantizedWeight
-from quantize.schemes import Scheme, SchemeError
+from quantize.schemes import QuantArgs, Scheme, SchemeError
 
-LAYOUT = "gptq"
+MARKER = ".qweight"
 STORED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
@@ -29,6 +29,9 @@ def check_fits(scheme: Scheme) -> None:
         problems.append(f"{w.type}{w.num_bits} weights (it holds int4 and int8)")
     if not scheme.weight_only:
         problems.append("quantized activations (it is weight-only)")
+    if not w.symmetric:  # v1 stores zero - 1: an unsigned zero point of 0 reads back as 2^bits in the engines
+        problems.append("asymmetric weights (v1, as vLLM and AutoGPTQ read it, stores zero points minus one, "
+                        "so a zero point of 0 cannot be stored; use --layout awq for asymmetric int4)")
     if w.strategy not in ("group", "channel"):
         problems.append(f"{w.strategy} weight scales (it holds per-group or per-channel scales)")
     if scheme.overrides:
@@ -69,21 +72,31 @@ def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return torch.stack(parts, dim=1).reshape(packed.shape[0] * per_word, *packed.shape[1:])
 
 
-def read_quantized(raw: dict[str, torch.Tensor], prefix: str, config: dict[str, Any]) -> QuantizedWeight:
-    """A GPTQ-layout linear as integers (signed, as qserve stores them), scales and zero points."""
-    from quantize.schemes import QuantArgs
+def scheme_from_config(config: dict[str, Any], name: str = "gptq") -> Scheme:
+    """The scheme a GPTQ ``quantization_config`` describes (one for every quantized linear)."""
+    bits, group = config.get("bits"), config.get("group_size", -1)
+    if config.get("checkpoint_format", "gptq") != "gptq" or bits not in (2, 3, 4, 8):
+        raise SchemeError(f"qserve reads GPTQ v1 checkpoints of 4 or 8 bits, not format "
+                          f"{config.get('checkpoint_format')!r} with {bits} bits")
+    grouped = bool(group) and group > 0
+    weights = QuantArgs(num_bits=bits, symmetric=config.get("sym", True), strategy="group" if grouped else "channel",
+                        group_size=group if grouped else None)
+    return Scheme(name, weights)
 
-    bits, group = config["bits"], config.get("group_size", -1)
-    if config.get("desc_act") and not torch.equal(raw[f"{prefix}.g_idx"],
-                                                  torch.sort(raw[f"{prefix}.g_idx"]).values):
+
+def read_quantized(raw: dict[str, torch.Tensor], prefix: str, args: QuantArgs) -> QuantizedWeight:
+    """A GPTQ-layout linear as integers (signed, as qserve stores them), scales and zero points."""
+    g_idx = raw[f"{prefix}.g_idx"]
+    if not torch.equal(g_idx, torch.sort(g_idx).values):
         raise SchemeError(f"{prefix}: act-order (desc_act) with permuted groups is not supported here")
-    offset = 2 ** (bits - 1)
+    bits, offset = args.num_bits, 2 ** (args.num_bits - 1)
     q = _unpack(raw[f"{prefix}.qweight"], bits, 0).T.contiguous() - offset          # [out, in]
-    scale = raw[f"{prefix}.scales"].float().T.contiguous()                           # [out, groups]
+    scale = raw[f"{prefix}.scales"].T.contiguous()                                   # [out, groups]
     zero = (_unpack(raw[f"{prefix}.qzeros"], bits, 1).T + 1) % (2 * offset) - offset  # v1: stored zero - 1
-    sym = config.get("sym", True)
-    strategy = "group" if group and group > 0 and group < q.shape[1] else "channel"
-    args = QuantArgs(num_bits=bits, symmetric=sym, strategy=strategy,
-                     group_size=group if strategy == "group" else None)
-    zero = zero.to(torch.int32) if not sym else torch.zeros_like(zero, dtype=torch.int32)
+    zero = zero[: scale.shape[0]].to(torch.int32)  # qzeros may pad the output dimension to whole words
+    if args.symmetric:
+        if zero.any():
+            raise SchemeError(f"{prefix}: the config says sym=true but the stored zero points are not "
+                              f"{offset}; the checkpoint is inconsistent")
+        zero = torch.zeros_like(zero)
     return QuantizedWeight(q.to(torch.int8), scale, zero.contiguous(), args)

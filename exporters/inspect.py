@@ -7,14 +7,15 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from exporters import gptq
-from exporters.dequantize import QUANT_SUFFIXES, checkpoint_scheme, load_tensors, read_quantized
+from exporters.dequantize import checkpoint_layout, is_layer_tensor, load_tensors, quantized_prefixes
+from exporters.layouts import Layout
 from exporters.models import ModelError
 from quantize.methods import QuantizedWeight
+from quantize.schemes import Scheme, SchemeError
 
 
 @dataclass
@@ -88,8 +89,8 @@ def inspect_checkpoint(ckpt_dir: Path) -> Inspection:
     files = sorted(ckpt_dir.glob("*.safetensors"))
     if not (ckpt_dir / "config.json").exists() or not files:
         raise ModelError(f"{ckpt_dir} is not a checkpoint: it needs config.json and *.safetensors files")
-    layout = _layout_of(ckpt_dir)
-    report = Inspection(str(ckpt_dir), layout.name)
+    name, layout, scheme = _layout_of(ckpt_dir)
+    report = Inspection(str(ckpt_dir), name)
     groups: dict[tuple[str, str], LayerGroup] = {}
     where, sizes, numels, floating = {}, {}, {}, {}
     for path in files:  # metadata only: a layer's tensors may sit in different shards
@@ -100,52 +101,40 @@ def inspect_checkpoint(ckpt_dir: Path) -> Inspection:
                 numels[key] = _numel(piece.get_shape())
                 where[key], sizes[key] = path, numels[key] * dtype
                 floating[key] = piece.get_dtype().startswith(("F", "BF"))
-    prefixes = {k.removesuffix(layout.marker) for k in where if layout.marker and k.endswith(layout.marker)}
+    prefixes = set(quantized_prefixes(list(where), layout)) if layout else set()
     owned: dict[str, int] = defaultdict(int)
     for key, nbytes in sizes.items():
         report.total_bytes += nbytes
         owner = key.rsplit(".", 1)[0]
-        if owner in prefixes and key.endswith(layout.suffixes):
+        if layout and is_layer_tensor(key, prefixes, layout):
             owned[owner] += nbytes
         else:
             report.other_bytes += nbytes
             report.bf16_bytes += 2 * numels[key] if floating[key] else nbytes
     for prefix in sorted(prefixes):
         raw = load_tensors(where, [k for k in where if k.rsplit(".", 1)[0] == prefix])
-        _check_layer(report, groups, raw, prefix, owned[prefix], layout)
+        _check_layer(report, groups, raw, prefix, owned[prefix], lambda r, p: layout.read(r, p, scheme.weights_for(p)))
     report.groups = sorted(groups.values(), key=lambda g: (g.module, g.scheme))
     return report
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """How one checkpoint layout marks and stores its quantized linears."""
-
-    name: str
-    marker: str = ""  # the tensor suffix that identifies a quantized linear
-    suffixes: tuple[str, ...] = ()  # the tensors a quantized linear owns
-    read: Callable[[dict, str], QuantizedWeight] | None = None
-
-
-def _layout_of(ckpt_dir: Path) -> _Layout:
+def _layout_of(ckpt_dir: Path) -> tuple[str, Optional[Layout], Optional[Scheme]]:
+    """A name to print, the layout and the scheme of the checkpoint."""
     config = json.loads((ckpt_dir / "config.json").read_text())
-    quant = config.get("quantization_config") or {}
-    method = quant.get("quant_method")
-    if method == "compressed-tensors":
-        scheme = checkpoint_scheme(ckpt_dir)
-        return _Layout(f"compressed-tensors {quant.get('format', '?')}", ".weight_scale", (*QUANT_SUFFIXES, ".weight"),
-                       lambda raw, p: read_quantized(raw, p, scheme.weights_for(p)))
-    if method == "gptq":
-        return _Layout(f"gptq ({quant.get('checkpoint_format', 'gptq')})", ".qweight", gptq.STORED_SUFFIXES,
-                       lambda raw, p: gptq.read_quantized(raw, p, quant))
-    if method:
-        raise ModelError(f"{ckpt_dir}: inspect reads compressed-tensors and gptq checkpoints, not {method!r}")
-    return _Layout("float (no quantization_config)")
-
-
-def _check_layer(report: Inspection, groups: dict, raw: dict, prefix: str, nbytes: int, layout: _Layout) -> None:
     try:
-        qw = layout.read(raw, prefix)
+        layout, scheme = checkpoint_layout(ckpt_dir)
+    except SchemeError as exc:
+        raise ModelError(str(exc)) from None
+    if layout is None:
+        return "float (no quantization_config)", None, None
+    detail = config["quantization_config"].get("format") or config["quantization_config"].get("version")
+    return (f"{layout.name} ({detail})" if detail else layout.name), layout, scheme
+
+
+def _check_layer(report: Inspection, groups: dict, raw: dict, prefix: str, nbytes: int,
+                 read: Callable[[dict, str], QuantizedWeight]) -> None:
+    try:
+        qw = read(raw, prefix)
         args, weight = qw.args, qw.dequantize()
     except Exception as exc:  # a broken layer is reported, the others still checked
         report.problems.append(f"{prefix}: does not decode ({exc})")

@@ -127,8 +127,9 @@ def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id
 
 @app.command()
 @user_errors
-def export(checkpoint: Path = typer.Argument(..., help="A checkpoint written by qserve quantize."),
-           layout: str = typer.Option(..., help="gptq (AutoGPTQ v1 layout) or dequantized (plain float weights)."),
+def export(checkpoint: Path = typer.Argument(..., help="A quantized checkpoint: compressed-tensors, gptq or awq."),
+           layout: str = typer.Option(..., help="compressed-tensors, gptq (AutoGPTQ v1), awq (AutoAWQ GEMM) or "
+                                                "dequantized (plain float weights)."),
            output: Path = typer.Option(..., "--output", "-o", help="Output checkpoint directory."),
            force: bool = typer.Option(False, help="Overwrite an existing output directory.")) -> None:
     """Rewrite a quantized checkpoint in another layout, losslessly."""

