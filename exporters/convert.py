@@ -22,7 +22,7 @@ from exporters.dequantize import checkpoint_layout, is_layer_tensor, load_tensor
 from exporters.layouts import LAYOUTS, Layout
 from exporters.models import ModelError
 from exporters.shards import ShardWriter
-from quantize.pipeline import AUX_FILES
+from quantize.pipeline import AUX_FILES, qserve_version
 from quantize.schemes import Scheme, SchemeError
 
 DEQUANTIZED = "dequantized"
@@ -72,7 +72,8 @@ def export_checkpoint(src: Path, layout: str, out_dir: Path, force: bool = False
             config["quantization_config"] = target.config_for(scheme)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         provenance = {"layout": layout, "source": str(src), "source_layout": source.name, "scheme": scheme.to_dict(),
-                      "seconds": round(time.perf_counter() - start, 2), "size_bytes": writer.total_bytes}
+                      "seconds": round(time.perf_counter() - start, 2), "size_bytes": writer.total_bytes,
+                      "qserve_version": qserve_version()}
         if (src / "qserve.json").exists():
             provenance["source_provenance"] = json.loads((src / "qserve.json").read_text())
         (tmp / "qserve.json").write_text(json.dumps(provenance, indent=2))

@@ -86,8 +86,8 @@ def scheme_from_config(config: dict[str, Any], name: str = "gptq") -> Scheme:
 
 def read_quantized(raw: dict[str, torch.Tensor], prefix: str, args: QuantArgs) -> QuantizedWeight:
     """A GPTQ-layout linear as integers (signed, as qserve stores them), scales and zero points."""
-    g_idx = raw[f"{prefix}.g_idx"]
-    if not torch.equal(g_idx, torch.sort(g_idx).values):
+    g_idx = raw.get(f"{prefix}.g_idx")  # some writers leave it out when groups are in order
+    if g_idx is not None and not torch.equal(g_idx, torch.sort(g_idx).values):
         raise SchemeError(f"{prefix}: act-order (desc_act) with permuted groups is not supported here")
     bits, offset = args.num_bits, 2 ** (args.num_bits - 1)
     q = _unpack(raw[f"{prefix}.qweight"], bits, 0).T.contiguous() - offset          # [out, in]

@@ -49,10 +49,11 @@ class QuantizeReport:
     calibration: Optional[dict] = None
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__, qserve_version=_version())
+        return dict(self.__dict__, qserve_version=qserve_version())
 
 
-def _version() -> str:
+def qserve_version() -> str:
+    """The installed qserve version ("unknown" when run from a source tree that is not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
