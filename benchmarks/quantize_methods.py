@@ -51,7 +51,7 @@ def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool
 
     from exporters.dequantize import dequantized_state_dict
     from loadtest.data import data_file
-    from loadtest.perplexity import make_windows
+    from accuracy.scoring import disjoint_windows as make_windows
     from quantize import numerics
     from quantize.schemes import QuantArgs
 

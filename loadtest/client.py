@@ -33,7 +33,7 @@ async def check_endpoint(client: httpx.AsyncClient, base_url: str, model: str | 
     return model
 
 
-def _error_text(status: int, body: bytes) -> str:
+def error_text(status: int, body: bytes) -> str:
     try:
         return f"{status}: {json.loads(body)['error']['message']}"
     except (ValueError, KeyError, TypeError):
@@ -50,7 +50,7 @@ async def timed_completion(client: httpx.AsyncClient, base_url: str, model: str,
     try:
         async with client.stream("POST", f"{base_url}/v1/completions", json=payload) as resp:
             if resp.status_code != 200:
-                record.error = _error_text(resp.status_code, await resp.aread())
+                record.error = error_text(resp.status_code, await resp.aread())
                 return record
             async for line in resp.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":

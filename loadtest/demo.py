@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loadtest.data import data_file
-from loadtest.perplexity import endpoint_perplexity
+from accuracy.perplexity import endpoint_perplexity
 from loadtest.runner import LoadSpec, run_loadtest
 
 COLUMNS = [("variant", "variant", "{}"), ("perplexity", "WikiText-2 ppl", "{:.2f}"),

@@ -28,12 +28,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from loadtest.client import EndpointError
     from quantize.calibration import CalibrationError
     from quantize.methods import MethodError
+    from accuracy.tasks import TaskError
     from quantize.schemes import SchemeError
     from serving.engine import EngineStartError
     from serving.server import ServeError
 
     return (OutputExistsError, ModelError, EndpointError, MethodError, SchemeError, CalibrationError,
-            EngineStartError, ServeError, FileNotFoundError)
+            EngineStartError, ServeError, FileNotFoundError, TaskError)
 
 
 def user_errors(fn: F) -> F:
@@ -201,20 +202,42 @@ def loadtest(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatib
 def evaluate(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible server."),
              tokenizer: str = typer.Option(..., help="Checkpoint directory (or hub id) of the served model's tokenizer."),
              model: Optional[str] = typer.Option(None, help="Model name (default: the first served)."),
-             text_file: Optional[Path] = typer.Option(None, help="Text to score (default: WikiText-2 test)."),
-             seq_len: int = typer.Option(2048, help="Tokens per window."),
-             max_windows: Optional[int] = typer.Option(20, help="Cap on windows (0 for all)."),
-             concurrency: int = typer.Option(2, help="Windows scored at once."),
-             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the JSON result here.")) -> None:
-    """Perplexity of a served model, from the prompt log-probabilities its endpoint returns."""
-    from loadtest.data import data_file
-    from loadtest.perplexity import endpoint_perplexity
+             tasks: str = typer.Option("wikitext", help="Comma-separated: wikitext (perplexity), arc_easy, piqa, "
+                                                        "boolq, lambada, gsm8k, or JSONL files of "
+                                                        "{question, choices, answer} lines."),
+             baseline: Optional[str] = typer.Option(None, help="Base URL of a baseline server: evaluated too, with "
+                                                               "deltas and top-1/KL agreement."),
+             baseline_model: Optional[str] = typer.Option(None, help="Model name at the baseline."),
+             baseline_tokenizer: Optional[str] = typer.Option(None, help="Baseline tokenizer (default: --tokenizer)."),
+             text_file: Optional[Path] = typer.Option(None, help="Text for perplexity and agreement "
+                                                                 "(default: WikiText-2 test)."),
+             seq_len: int = typer.Option(1024, help="Tokens per perplexity window."),
+             max_windows: int = typer.Option(0, help="Cap on perplexity windows, for quick runs (0: the whole text)."),
+             limit: int = typer.Option(0, help="Items per task, for quick runs (0: all)."),
+             concurrency: int = typer.Option(8, help="Requests in flight at once."),
+             top_k: int = typer.Option(10, help="Log-probabilities per position for the agreement measure."),
+             lm_eval_tasks: Optional[str] = typer.Option(None, "--lm-eval", help="Run these lm-evaluation-harness "
+                                                                                 "tasks instead (it must be installed)."),
+             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the JSON report here."),
+             markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown table here.")) -> None:
+    """Accuracy of a served model: perplexity (token, word, bits per byte), task accuracy, and agreement
+    with a baseline endpoint, all through the endpoint."""
+    if lm_eval_tasks:
+        from accuracy.harness import run_lm_eval
 
-    result = endpoint_perplexity(url, text_file or data_file("wikitext2-test.raw"), tokenizer, model=model,
-                                 seq_len=seq_len, max_windows=max_windows or None, concurrency=concurrency)
-    typer.echo(f"perplexity {result['perplexity']:.3f} over {result['tokens_scored']:,} tokens "
-               f"({result['windows']} windows x {result['seq_len']}) in {result['wall_s']:.0f} s")
-    _write_json(output, result)
+        raise typer.Exit(run_lm_eval(url, model or "", tokenizer, lm_eval_tasks, concurrency, limit or None, output))
+    from accuracy.runner import Endpoint, EvalSettings, evaluate_endpoint, markdown
+
+    settings = EvalSettings(Endpoint(url, model), tokenizer, tuple(t.strip() for t in tasks.split(",") if t.strip()),
+                            Endpoint(baseline, baseline_model) if baseline else None, baseline_tokenizer, text_file,
+                            seq_len, max_windows or None, limit or None, concurrency, top_k=top_k)
+    report = evaluate_endpoint(settings, log=typer.echo)
+    table = markdown(report)
+    typer.echo(table)
+    _write_json(output, report)
+    if markdown_out:
+        markdown_out.parent.mkdir(parents=True, exist_ok=True)
+        markdown_out.write_text(table + "\n")
 
 
 @app.command()

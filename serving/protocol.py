@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class StreamOptions(BaseModel):
@@ -19,13 +19,22 @@ class StreamOptions(BaseModel):
 class _GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False  # declared before max_tokens: its validator reads it
+    max_tokens: Optional[int] = Field(default=None, ge=0)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _zero_only_to_score_the_prompt(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        # max_tokens 0 with echo scores the prompt without generating (how perplexity is measured)
+        if value == 0 and not info.data.get("echo"):
+            raise ValueError("0 generates nothing; it is allowed only with echo: true, to score the prompt")
+        return value
 
 
 class ChatMessage(BaseModel):
@@ -36,6 +45,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
 
 

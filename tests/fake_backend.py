@@ -65,8 +65,15 @@ def make_fake_engine() -> FastAPI:
 @contextlib.contextmanager
 def running_fake_engine() -> Iterator[str]:
     """Serves the fake engine on a free loopback port; yields its base URL."""
+    with running_app(make_fake_engine()) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_app(app: FastAPI) -> Iterator[str]:
+    """Serves ``app`` with uvicorn on a free loopback port in a thread; yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(make_fake_engine(), host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

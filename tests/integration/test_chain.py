@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from loadtest.data import data_file
-from loadtest.perplexity import endpoint_perplexity
+from accuracy.perplexity import endpoint_perplexity
 from loadtest.runner import LoadSpec, run_loadtest
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from loadtest.data import data_file
-from loadtest.perplexity import endpoint_perplexity, make_windows
+from accuracy.perplexity import endpoint_perplexity, text_windows
 from tests.integration.conftest import run_qserve, start_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -74,13 +74,13 @@ def reference_perplexity(demo_model, ckpt) -> float:
             hook = (lambda _m, inp, s=scale, a=acts: (numerics.round_to_grid(inp[0] / s, a) * s,))
         module.register_forward_pre_hook(hook)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    ids = tokenizer(data_file("wikitext2-test.raw").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    windows, _ = text_windows(data_file("wikitext2-test.raw").read_text(encoding="utf-8"), tokenizer, SEQ_LEN, WINDOWS)
     nll, count = 0.0, 0
     with torch.no_grad():
-        for window in make_windows(ids, SEQ_LEN, WINDOWS):
-            x = torch.tensor([window])
+        for window in windows:  # the same rolling windows the endpoint scores
+            x = torch.tensor([window.ids])
             nll += float(torch.nn.functional.cross_entropy(model(x).logits[0, :-1], x[0, 1:], reduction="sum"))
-            count += len(window) - 1
+            count += window.scored
     return math.exp(nll / count)
 
 

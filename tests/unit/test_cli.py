@@ -69,3 +69,11 @@ def test_unreachable_endpoint_fails_fast():
         port = s.getsockname()[1]
     line = _one_line_error(qserve("loadtest", f"http://127.0.0.1:{port}", timeout=30))
     assert "cannot reach" in line
+
+
+def test_malformed_task_file_is_rejected_with_its_line_before_any_request(tmp_path):
+    tasks = tmp_path / "mc.jsonl"
+    tasks.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "q", "choices": "ab"}\n')
+    line = _one_line_error(qserve("eval", "http://127.0.0.1:9", "--tokenizer", str(tmp_path), "--tasks",
+                                  f"wikitext,{tasks}", timeout=60))
+    assert "mc.jsonl:2" in line and "'choices'" in line

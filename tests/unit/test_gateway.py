@@ -152,3 +152,11 @@ def test_loadtest_through_the_gateway_counts_tokens_from_usage(engine_url):
     assert load["output_tok_s"] > 0 and report["decode_tok_s"] > 0
     assert report["phases"]["prefill"]["mean_prompt_tokens"] == 3  # the fake engine's usage, not a guess
     assert all(v is not None for v in load["itl_s"].values())
+
+
+def test_zero_max_tokens_is_accepted_only_to_score_the_prompt(gateway):
+    resp = gateway.post("/v1/completions", json={"model": "fake", "prompt": [1, 2, 3], "max_tokens": 0, "echo": True})
+    assert resp.status_code == 200, resp.text
+    resp = gateway.post("/v1/chat/completions", json={"model": "fake", "max_tokens": 0,
+                                                      "messages": [{"role": "user", "content": "x"}]})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "max_tokens"

