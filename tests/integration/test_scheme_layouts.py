@@ -107,4 +107,5 @@ def test_layout_served_by_vllm_matches_its_fake_quant(case, demo_model, tmp_path
     finally:
         assert gateway.stop() in (0, -signal.SIGTERM)
     reference = reference_perplexity(demo_model, ckpt)
+    print(f"\n{case}: served {served:.4f}, transformers on the decoded weights {reference:.4f}")
     assert abs(served / reference - 1) < 0.03, (case, served, reference)
