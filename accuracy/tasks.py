@@ -151,14 +151,19 @@ def load_task(spec: str, limit: Optional[int] = None) -> Task:
     """A built-in task by name (read from the shared data directory) or a generic JSONL file by path."""
     from loadtest.data import data_file
 
-    if spec in BUILTIN:
+    if spec.startswith("hub:"):
+        from accuracy.hub_tasks import load_hub_task
+
+        task = load_hub_task(spec)
+    elif spec in BUILTIN:
         filename, loader = BUILTIN[spec]
         task = loader(data_file(filename))
     elif spec.endswith(".jsonl") or Path(spec).exists():
         task = load_generic(Path(spec))
     else:
-        raise TaskError(f"unknown task {spec!r}; choose one of {', '.join(BUILTIN)}, wikitext, or a .jsonl file "
-                        f"of {{\"question\", \"choices\", \"answer\"}} lines")
+        raise TaskError(f"unknown task {spec!r}; choose one of {', '.join(BUILTIN)}, wikitext, hub:NAME (arc_easy, "
+                        f"piqa, boolq, hellaswag through datasets), or a .jsonl file of "
+                        f"{{\"question\", \"choices\", \"answer\"}} lines")
     if not task.items:
         raise TaskError(f"task {spec!r} has no items")
     return Task(task.name, task.kind, task.items[:limit] if limit else task.items)

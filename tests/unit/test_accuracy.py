@@ -200,3 +200,26 @@ def test_lm_eval_bridge_builds_a_local_completions_command_and_says_when_it_is_m
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(EndpointError, match="pip install 'lm-eval"):
         run_lm_eval("http://h:8000", "m", "/ckpt", "arc_easy")
+
+
+def test_hub_tasks_give_the_local_items_and_say_what_they_need(monkeypatch):
+    import sys
+
+    from accuracy.hub_tasks import HUB, load_hub_task
+
+    from loadtest.data import data_file
+
+    local = load_task("arc_easy", limit=1).items[0]
+    record = json.loads(data_file("arc_easy_test.jsonl").read_text().splitlines()[0])
+    hub_record = {"question": record["question"]["stem"], "answerKey": record["answerKey"],
+                  "choices": {"text": [c["text"] for c in record["question"]["choices"]],
+                              "label": [c["label"] for c in record["question"]["choices"]]}}
+    assert HUB["arc_easy"][3](hub_record) == local
+    hellaswag = HUB["hellaswag"][3]({"activity_label": "Baking", "ctx_a": "A man mixes flour.", "ctx_b": "he",
+                                     "endings": ["bakes [title] bread.", "sleeps."], "label": "0"})
+    assert hellaswag.context == "Baking: A man mixes flour. He" and hellaswag.answer == 0
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(TaskError, match="needs the 'datasets' package"):
+        load_hub_task("hub:piqa")
+    with pytest.raises(TaskError, match="unknown hub task 'mmlu'"):
+        load_task("hub:mmlu")
