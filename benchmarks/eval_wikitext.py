@@ -22,6 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+TASKS = ("wikitext", "arc_easy", "piqa", "boolq", "lambada")
+
+
 def _row(r: dict, c: int) -> dict:
     return {"concurrency": c, "wall_s": r["wall_s"], "tokens": r["tokens"], "windows": r["windows"],
             "tok_s": r["tokens"] / r["wall_s"], "token_perplexity": r["token_perplexity"],
@@ -54,27 +57,34 @@ def sweep(model_dir: Path, concurrencies: list[int], seq_len: int, sweep_windows
     return {"sweep": rows, "full": full}
 
 
-def report(checkpoints: list[tuple[str, Path]], limit: int, seq_len: int) -> dict:
+def report(checkpoints: list[tuple[str, Path]], limit: int, seq_len: int, max_windows: int | None) -> dict:
+    """Each checkpoint evaluated once; deltas and agreement of every other against the first."""
     from contextlib import ExitStack
 
-    from accuracy.runner import Endpoint, EvalSettings, evaluate_endpoint, markdown
+    from accuracy.agreement import endpoint_agreement
+    from accuracy.runner import Endpoint, EvalSettings, deltas, evaluate_endpoint, markdown
+    from loadtest.data import data_file
     from serving.launcher import served
     from serving.server import free_port
 
-    out = {}
+    out: dict = {}
     with tempfile.TemporaryDirectory(prefix="qserve-evalbench-") as tmp, ExitStack() as stack:
         gateways = {name: stack.enter_context(served(path, free_port(), name, Path(tmp) / f"{name}.log", log=print))
                     for name, path in checkpoints}
-        (base_name, base_path) = checkpoints[0]
-        for name, path in checkpoints[1:]:
-            settings = EvalSettings(Endpoint(gateways[name].url, name), str(path),
-                                    ("wikitext", "arc_easy", "piqa", "boolq", "lambada"),
-                                    baseline=Endpoint(gateways[base_name].url, base_name),
-                                    baseline_tokenizer=str(base_path), seq_len=seq_len, limit=limit, progress=False)
+        for name, path in checkpoints:
+            settings = EvalSettings(Endpoint(gateways[name].url, name), str(path), TASKS, seq_len=seq_len,
+                                    max_windows=max_windows, limit=limit, progress=False)
             start = time.perf_counter()
             out[name] = evaluate_endpoint(settings, log=print)
-            print(f"\n## {name} vs {base_name} ({time.perf_counter() - start:.0f} s)\n\n{markdown(out[name])}\n",
-                  flush=True)
+            out[name]["wall_s"] = time.perf_counter() - start
+        base_name, base_path = checkpoints[0]
+        for name, _ in checkpoints[1:]:
+            out[name]["baseline_results"] = out[base_name]["results"]
+            out[name]["deltas"] = deltas(out[name]["results"], out[base_name]["results"])
+            out[name]["agreement"] = endpoint_agreement(gateways[name].url, gateways[base_name].url,
+                                                        data_file("wikitext2-test.raw"), str(base_path), name,
+                                                        base_name, progress=False)
+            print(f"\n## {name} vs {base_name}\n\n{markdown(out[name])}\n", flush=True)
     return out
 
 
@@ -86,11 +96,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="default: the demo model (bf16)")
     parser.add_argument("--report", nargs="+", metavar="NAME=DIR", help="evaluate these against the first")
     parser.add_argument("--limit", type=int, default=200, help="items per task in --report mode")
+    parser.add_argument("--max-windows", type=int, default=40, help="perplexity windows in --report mode (0: all)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.report:
         pairs = [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) for spec in args.report]
-        result = report(pairs, args.limit, args.seq_len)
+        result = report(pairs, args.limit, args.seq_len, args.max_windows or None)
     else:
         from exporters.models import prepare_model
 
