@@ -21,6 +21,7 @@ from quantize.schemes import QuantArgs, Scheme
 from quantize.transforms import LLAMA_MAPPINGS, awq_clip, awq_scales, fold_scales, smoothquant_scales
 
 BATCH = 4  # samples per forward: 8 gave the same speed with ~400 MiB more peak RSS (allocator high water)
+AWQ_SAMPLE_TOKENS = 4096
 REPORT_TOKENS = 1024  # enough for the report's cosine / relative error; fewer matmuls per linear
 HESSIAN_BLOCKS = 4
 
@@ -76,13 +77,11 @@ class Stats:
     sums ``x^T x`` accumulated in place and shared by linears that read the same tensor (q/k/v, gate/up).
     """
 
-    def __init__(self, hessian: bool, absmax: bool, sample_tokens: int, total_tokens: int,
-                 mean_abs: bool = False) -> None:
-        self.want_hessian, self.want_absmax, self.want_mean_abs = hessian, absmax, mean_abs
+    def __init__(self, hessian: bool, absmax: bool, sample_tokens: int, total_tokens: int) -> None:
+        self.want_hessian, self.want_absmax = hessian, absmax
         self.sample_tokens = sample_tokens
         self.stride = max(1, total_tokens // sample_tokens)  # samples spread over every batch
         self.absmax: dict[str, torch.Tensor] = {}
-        self.abs_sum: dict[str, torch.Tensor] = {}  # per input channel, for AWQ's mean |x|
         self.count: dict[str, int] = {}
         self.samples: dict[str, torch.Tensor] = {}  # preallocated [sample_tokens, in] per linear
         self.filled: dict[str, int] = {}
@@ -114,10 +113,6 @@ class Stats:
                     torch.maximum(self.absmax[name], amax, out=self.absmax[name])
                 else:
                     self.absmax[name] = amax
-            if self.want_mean_abs:
-                if name not in self.abs_sum:
-                    self.abs_sum[name] = torch.zeros(x.shape[1], device=x.device)
-                self.abs_sum[name].add_(x.abs().sum(dim=0))
             self.count[name] = self.count.get(name, 0) + x.shape[0]
             if self.want_hessian:
                 self._accumulate_hessian(name, inputs[0], x)
@@ -142,9 +137,6 @@ class Stats:
         upper = self._hessian[self._shares[name]]
         return 2 * (torch.triu(upper) + torch.triu(upper, 1).T) / self.count[name]
 
-    def mean_abs_of(self, name: str) -> torch.Tensor:
-        return self.abs_sum[name] / self.count[name]
-
     def samples_of(self, name: str) -> torch.Tensor:
         return self.samples[name][:self.filled[name]]
 
@@ -163,9 +155,10 @@ def _propagate(layer: torch.nn.Module, shell: "_Layers") -> None:
 
 
 @torch.no_grad()
-def _collect(layer: torch.nn.Module, shell: "_Layers", hessian: bool, absmax: bool, mean_abs: bool = False) -> Stats:
+def _collect(layer: torch.nn.Module, shell: "_Layers", hessian: bool, absmax: bool,
+             sample_tokens: int = REPORT_TOKENS) -> Stats:
     """Input statistics of every linear; from the second batch on, the layer stops at its last linear."""
-    stats = Stats(hessian, absmax, REPORT_TOKENS, sum(h.shape[0] * h.shape[1] for h, _ in shell.inputs), mean_abs)
+    stats = Stats(hessian, absmax, sample_tokens, sum(h.shape[0] * h.shape[1] for h, _ in shell.inputs))
     handles = [m.register_forward_pre_hook(stats.hook(n)) for n, m in _linears(layer).items()]
     try:
         for hidden, kwargs in shell.inputs:
@@ -213,13 +206,12 @@ def _transform(layer: torch.nn.Module, stats: Stats, recipe: Recipe, args: dict[
             s = smoothquant_scales(stats.absmax[first], [b.weight for b in balance], alpha)
             fold_scales(smooth, balance, s)
             stats.absmax[first] = stats.absmax[first] / s
-        if "awq" in recipe.transforms:  # from every calibration token's statistics, not a sample
-            gram = stats.hessian_of(first)
-            s = awq_scales(gram, stats.mean_abs_of(first), [b.weight for b in balance], args[first])
+        if "awq" in recipe.transforms:
+            x = stats.samples_of(first)
+            s = awq_scales(x, [b.weight for b in balance], args[first])
             fold_scales(smooth, balance, s)
-            scaled_gram = gram / (s.unsqueeze(1) * s.unsqueeze(0))  # the Gram matrix of the inputs x / s
             for name, b in zip(mapping.balance, balance):
-                b.weight.copy_(awq_clip(scaled_gram, b.weight, args[name]))
+                b.weight.copy_(awq_clip(x / s, b.weight, args[name]))
 
 
 def compute_dtype(device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
@@ -328,8 +320,8 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
         targets = {n: m for n, m in _linears(layer).items() if is_target(prefix + n)}
         args = {n: scheme.weights_for(prefix + n) for n in targets}
         if recipe.transforms:
-            awq = "awq" in recipe.transforms
-            stats = _collect(layer, shell, hessian=awq, absmax="smoothquant" in recipe.transforms, mean_abs=awq)
+            stats = _collect(layer, shell, hessian=False, absmax="smoothquant" in recipe.transforms,
+                             sample_tokens=AWQ_SAMPLE_TOKENS if "awq" in recipe.transforms else REPORT_TOKENS)
             report.input_kurtosis_before = {n: _kurtosis(stats.samples_of(n)) for n in targets}
             report.weight_kurtosis_before = {n: _kurtosis(m.weight) for n, m in targets.items()}
             _transform(layer, stats, recipe, args, alpha)

@@ -38,19 +38,20 @@ def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], al
     return s.clamp(min=1e-5)
 
 
-def awq_scales(gram: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], args: QuantArgs,
-               grid: int = 20) -> torch.Tensor:
+def awq_scales(x: torch.Tensor, weights: list[torch.Tensor], args: QuantArgs, grid: int = 20) -> torch.Tensor:
     """Grid search of ``s = mean|X|^r`` (r in [0, 1)) minimising the quantized outputs' squared error.
 
-    The error ``||X (Q(W s)/s - W)^T||^2 = tr(D G D^T)`` is computed through the Gram matrix ``G = X^T X``
-    of every calibration token (accumulated like GPTQ's Hessian), never through the outputs themselves.
-    The balance layers read the same input, so their rows are stacked (quantization is per row or group).
+    The error ``||X (Q(W s)/s - W)^T||^2`` is computed through the Gram matrix ``X^T X`` (in x in), which is
+    cheaper than the outputs themselves when there are more tokens than input channels. The balance
+    layers read the same input, so their rows are stacked (quantization is per row or per row-group).
     """
-    gram = gram.float()
+    x = x.float()
+    gram = x.T @ x
     w = torch.cat([w.float() for w in weights])
+    x_mean = x.abs().mean(dim=0)
     best_err, best = float("inf"), torch.ones_like(x_mean)
     for r in range(grid):
-        s = x_mean.float().pow(r / grid).clamp(min=1e-4)
+        s = x_mean.pow(r / grid).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         delta = numerics.fake_quantize(w * s, args) / s - w
         err = float(((delta @ gram) * delta).sum())
@@ -59,19 +60,20 @@ def awq_scales(gram: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
     return best
 
 
-def awq_clip(gram: torch.Tensor, weight: torch.Tensor, args: QuantArgs, grid: int = 20,
+def awq_clip(x: torch.Tensor, weight: torch.Tensor, args: QuantArgs, grid: int = 20,
              max_shrink: float = 0.5) -> torch.Tensor:
-    """Clips each group's range where that lowers the group's output error; returns clipped weights.
+    """Clips each group's range where that lowers the group's output error on ``x``; returns clipped weights.
 
     The search shrinks ``[min, max]`` (asymmetric) or ``[-absmax, absmax]`` (symmetric) alike, so the
-    clipping matches the quantizer's symmetry. A group's error is ``d G_g d^T`` with ``d`` its weight error
-    and ``G_g`` the group's diagonal block of the inputs' Gram matrix ``gram``.
+    clipping matches the quantizer's symmetry. A group's error is ``d G d^T`` with ``d`` its weight error
+    and ``G`` the group's block of ``X^T X``.
     """
     w = weight.float()
     out, cols = w.shape
     group = args.group_size if args.strategy == "group" else cols
     n_groups = cols // group
-    blocks = torch.stack([gram[i * group:(i + 1) * group, i * group:(i + 1) * group] for i in range(n_groups)]).float()
+    xg = x.float().reshape(x.shape[0], n_groups, group)
+    gram = torch.einsum("ngk,ngl->gkl", xg, xg)                         # [G, g, g]
     wg = w.reshape(out, n_groups, group)                               # [out, G, g]
     lo, hi = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
     if args.symmetric:
@@ -84,7 +86,7 @@ def awq_clip(gram: torch.Tensor, weight: torch.Tensor, args: QuantArgs, grid: in
         clipped = torch.clamp(wg, lo * shrink, hi * shrink).reshape(out, cols)
         q = numerics.fake_quantize(clipped, args).reshape(out, n_groups, group)
         d = q - wg
-        err = torch.einsum("ogk,gkl,ogl->og", d, blocks, d)
+        err = torch.einsum("ogk,gkl,ogl->og", d, gram, d)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better.unsqueeze(-1), clipped.reshape(out, n_groups, group), best)
