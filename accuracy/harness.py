@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from loadtest.client import EndpointError
+from loadtest.client import EndpointError, base_url
 
 
 def lm_eval_command(url: str, model: str, tokenizer: str, tasks: str, concurrency: int = 4,
                     limit: Optional[int] = None, output: Optional[Path] = None) -> list[str]:
     """The ``lm_eval`` command line that scores ``tasks`` through ``url``'s completions endpoint."""
-    base = url.rstrip("/").removesuffix("/v1")
+    base = base_url(url)
     model_args = (f"model={model},base_url={base}/v1/completions,tokenizer={tokenizer},"
                   f"tokenized_requests=True,num_concurrent={concurrency},max_retries=3")
     cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,

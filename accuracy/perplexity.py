@@ -18,7 +18,7 @@ import httpx
 
 from accuracy.client import PromptScores, score_prompt
 from accuracy.scoring import Window, perplexity_figures, rolling_windows
-from loadtest.client import EndpointError, check_endpoint
+from loadtest.client import EndpointError, base_url, check_endpoint
 
 T = TypeVar("T")
 
@@ -74,10 +74,6 @@ async def gather_limited(jobs: Sequence[Callable[[], Awaitable[T]]], concurrency
 def client_for(url: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0),
                              limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
-
-
-def base_url(url: str) -> str:
-    return url.rstrip("/").removesuffix("/v1")
 
 
 async def score_windows(url: str, model: Optional[str], windows: Sequence[Window], concurrency: int,

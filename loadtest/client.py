@@ -15,6 +15,11 @@ class EndpointError(RuntimeError):
     """The endpoint cannot be used as asked; the message says what to check."""
 
 
+def base_url(url: str) -> str:
+    """The server's root URL, whether it was given with or without the ``/v1`` suffix."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
 async def check_endpoint(client: httpx.AsyncClient, base_url: str, model: str | None) -> str:
     """Fails fast on an unreachable URL or unknown model; returns the model to use."""
     try:

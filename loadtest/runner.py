@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import httpx
 
 from loadtest.data import data_file
-from loadtest.client import EndpointError, check_endpoint, timed_completion
+from loadtest.client import EndpointError, base_url, check_endpoint, timed_completion
 from loadtest.stats import RequestRecord, summarize
 
 DEFAULT_TEXT_NAME = "wikitext2-valid.tokens"
@@ -82,7 +82,7 @@ def _phase_figures(records: list[RequestRecord], wall: float) -> dict[str, Any]:
 
 async def _run(url: str, model: Optional[str], spec: LoadSpec, log: Callable[[str], None],
                progress: bool) -> dict[str, Any]:
-    url = url.rstrip("/").removesuffix("/v1")
+    url = base_url(url)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0),
                                  limits=httpx.Limits(max_connections=None)) as client:
         model = await check_endpoint(client, url, model)
