@@ -86,12 +86,14 @@ async def score_windows(url: str, model: Optional[str], windows: Sequence[Window
         return model, await gather_limited(jobs, concurrency, "windows", progress)
 
 
-def endpoint_perplexity(url: str, text_file: Path, tokenizer: str, model: Optional[str] = None,
+def endpoint_perplexity(url: str, text_file: Path, tokenizer: Any, model: Optional[str] = None,
                         seq_len: int = 1024, max_windows: Optional[int] = None, concurrency: int = 4,
                         progress: bool = True) -> dict[str, Any]:
-    """Token and word perplexity and bits per byte of the served model over ``text_file``."""
+    """Token and word perplexity and bits per byte of the served model over ``text_file``; ``tokenizer`` is
+    a loaded tokenizer or where to load one from."""
     text = Path(text_file).read_text(encoding="utf-8", errors="replace")
-    windows, covered = text_windows(text, load_tokenizer(tokenizer), seq_len, max_windows)
+    tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    windows, covered = text_windows(text, tokenizer, seq_len, max_windows)
     if not windows:
         raise EndpointError(f"{text_file} holds no tokens to score")
     start = time.perf_counter()

@@ -57,7 +57,7 @@ def _evaluate_one(endpoint: Endpoint, tokenizer_source: str, tasks: dict[str, An
     for spec, task in tasks.items():
         if task is None:
             result = endpoint_perplexity(endpoint.url, settings.text_file or data_file("wikitext2-test.raw"),
-                                         tokenizer_source, endpoint.model, settings.seq_len, settings.max_windows,
+                                         tokenizer, endpoint.model, settings.seq_len, settings.max_windows,
                                          settings.concurrency, settings.progress)
             log(f"[{result['model']}] wikitext: token ppl {result['token_perplexity']:.3f}, word ppl "
                 f"{result['word_perplexity']:.3f}, {result['bits_per_byte']:.4f} bits/byte "
