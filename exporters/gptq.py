@@ -75,7 +75,7 @@ def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 def scheme_from_config(config: dict[str, Any], name: str = "gptq") -> Scheme:
     """The scheme a GPTQ ``quantization_config`` describes (one for every quantized linear)."""
     bits, group = config.get("bits"), config.get("group_size", -1)
-    if config.get("checkpoint_format", "gptq") != "gptq" or bits not in (2, 3, 4, 8):
+    if config.get("checkpoint_format", "gptq") != "gptq" or bits not in (4, 8):
         raise SchemeError(f"qserve reads GPTQ v1 checkpoints of 4 or 8 bits, not format "
                           f"{config.get('checkpoint_format')!r} with {bits} bits")
     grouped = bool(group) and group > 0
