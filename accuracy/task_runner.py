@@ -80,8 +80,8 @@ async def _run(url: str, model: Optional[str], tokenizer, task: Task, concurrenc
             jobs = [lambda i=i: chat_answer(client, url, model, i.context + GENERATION_INSTRUCTION, max_tokens)
                     for i in task.items]
             answers = await gather_limited(jobs, concurrency, task.name, progress)
-            hits = [float(extract_number(a) is not None and extract_number(a) == extract_number(i.reference))
-                    for a, i in zip(answers, task.items)]
+            found = [extract_number(a) for a in answers]
+            hits = [float(f is not None and f == extract_number(i.reference)) for f, i in zip(found, task.items)]
             return model, _summarise({"exact_match": hits})
         pairs = [(i.context, c) for i in task.items for c in i.choices]
         jobs = [lambda p=p: _continuation_scores(client, url, model, tokenizer, *p) for p in pairs]
