@@ -1,14 +1,10 @@
-"""Async clients of an OpenAI-compatible endpoint: a streamed timed completion, and error mapping."""
+"""Shared by the load tester and the accuracy client: the base URL, the endpoint check, error text."""
 
 from __future__ import annotations
 
 import json
-import time
-from typing import Any, Union
 
 import httpx
-
-from loadtest.stats import RequestRecord
 
 
 class EndpointError(RuntimeError):
@@ -43,42 +39,3 @@ def error_text(status: int, body: bytes) -> str:
         return f"{status}: {json.loads(body)['error']['message']}"
     except (ValueError, KeyError, TypeError):
         return f"{status}: {body[:200].decode(errors='replace')}"
-
-
-async def timed_completion(client: httpx.AsyncClient, base_url: str, model: str, prompt: Union[str, list[int]],
-                           max_tokens: int, ignore_eos: bool = True, **extra: Any) -> RequestRecord:
-    """One streamed ``/v1/completions`` request, timing the first token and every gap after it."""
-    payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-               "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos, **extra}
-    start = time.perf_counter()
-    last, record = None, RequestRecord(ok=False)
-    try:
-        async with client.stream("POST", f"{base_url}/v1/completions", json=payload) as resp:
-            if resp.status_code != 200:
-                record.error = error_text(resp.status_code, await resp.aread())
-                return record
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    record.error = event["error"].get("message", "stream error")
-                    return record
-                now = time.perf_counter()
-                if event.get("choices"):
-                    if last is None:
-                        record.ttft = now - start
-                    else:
-                        record.itl.append(now - last)
-                    last = now
-                if event.get("usage"):
-                    record.prompt_tokens = event["usage"].get("prompt_tokens", 0)
-                    record.output_tokens = event["usage"].get("completion_tokens", 0)
-    except httpx.HTTPError as exc:
-        record.error = f"{type(exc).__name__}: {exc}"
-        return record
-    record.e2e = time.perf_counter() - start
-    record.ok = record.ttft is not None
-    if not record.ok:
-        record.error = "no tokens streamed"
-    return record

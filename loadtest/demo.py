@@ -9,7 +9,9 @@ from typing import Any, Callable
 
 from loadtest.data import data_file
 from accuracy.perplexity import endpoint_perplexity
-from loadtest.runner import LoadSpec, run_loadtest
+from loadtest.profiles import Concurrency
+from loadtest.runner import LoadSettings, run_loadtest
+from loadtest.workloads import LengthDist
 
 COLUMNS = [("variant", "variant", "{}"), ("perplexity", "WikiText-2 ppl", "{:.2f}"),
            ("prefill_tok_s", "prefill tok/s", "{:,.0f}"), ("decode_tok_s", "decode tok/s (1 stream)", "{:.1f}"),
@@ -32,7 +34,7 @@ def _size_mib(model_dir: Path) -> float:
 
 
 def measure_variant(name: str, model_dir: Path, port: int, out_dir: Path, windows: int,
-                    spec: LoadSpec, log: Callable[[str], None]) -> dict[str, Any]:
+                    settings: LoadSettings, log: Callable[[str], None]) -> dict[str, Any]:
     """Serves one checkpoint behind the gateway and measures perplexity and speed through it."""
     from serving.launcher import served
 
@@ -48,12 +50,13 @@ def measure_variant(name: str, model_dir: Path, port: int, out_dir: Path, window
         steps["eval_s"] = time.perf_counter() - t
         log(f"[{name}] perplexity {ppl['perplexity']:.3f} over {ppl['windows']} windows in {steps['eval_s']:.0f} s")
         t = time.perf_counter()
-        load = run_loadtest(gw.url, name, spec, log=lambda m: log(f"[{name}] {m}"))
+        load = run_loadtest(gw.url, name, settings, log=lambda m: log(f"[{name}] {m}"))
         steps["loadtest_s"] = time.perf_counter() - t
+    summary, loaded = load["summary"], load["runs"][-1]
     return {"variant": name, "checkpoint": str(model_dir), "perplexity": ppl["perplexity"],
-            "prefill_tok_s": load["prefill_tok_s"], "decode_tok_s": load["decode_tok_s"],
-            "aggregate_output_tok_s": load["aggregate_output_tok_s"],
-            "ttft_p50_ms": load["ttft_p50_s"] * 1000 if load["ttft_p50_s"] is not None else None,
+            "prefill_tok_s": summary["prefill_tok_s"], "decode_tok_s": summary["decode_tok_s_per_stream"],
+            "aggregate_output_tok_s": loaded["output_tok_s"],
+            "ttft_p50_ms": loaded["ttft_s"]["p50"] * 1000 if loaded["ttft_s"]["p50"] is not None else None,
             "size_mib": _size_mib(model_dir), "steps": steps, "perplexity_detail": ppl, "loadtest": load}
 
 
@@ -76,8 +79,10 @@ def run_demo(out_dir: Path, schemes: tuple[str, ...] = ("w8a8", "w4a16"), model:
         quantize_checkpoint(base, get_scheme(scheme), "rtn", target, force=True, log=log)
         timings[f"quantize_{scheme}_s"] = time.perf_counter() - t
         variants.append((scheme, target))
-    spec = LoadSpec(input_len=512, output_len=64, concurrency=8, num_requests=16, prefill_requests=8)
-    rows = [measure_variant(name, path, port, out_dir, windows, spec, log) for name, path in variants]
+    settings = LoadSettings(profiles=(Concurrency(1), Concurrency(8)), input_len=LengthDist("fixed", 512),
+                            output_len=LengthDist("fixed", 64), num_requests=12, prefill_requests=8,
+                            stop_at_saturation=False)
+    rows = [measure_variant(name, path, port, out_dir, windows, settings, log) for name, path in variants]
     report = {"schema": "qserve.demo/1", "model": model, "timings": timings, "rows": rows,
               "table": markdown_table(rows)}
     (out_dir / "demo.json").write_text(json.dumps(report, indent=2))

@@ -1,114 +1,253 @@
-"""``run_loadtest``: prefill, single-stream decode and concurrent phases against one endpoint."""
+"""``run_loadtest``: a prefill phase, then one run per load profile (a sweep stops at saturation)."""
 
 from __future__ import annotations
 
 import asyncio
-import random
+import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
-import httpx
+import aiohttp
 
-from loadtest.data import data_file
-from loadtest.client import EndpointError, base_url, check_endpoint, timed_completion
-from loadtest.stats import RequestRecord, summarize
+from loadtest.client import base_url
+from loadtest.figures import SLO, counted_records, prefill_figures, run_figures
+from loadtest.issuer import Bounds, issue
+from loadtest.profiles import Concurrency, Profile
+from loadtest.requester import Requester
+from loadtest.server_metrics import scrape, server_figures
+from loadtest.stats import RequestRecord
+from loadtest.workloads import WORKLOADS, LengthDist, RequestSpec, WorkloadError
 
+SCHEMA = "qserve.loadtest/2"
 DEFAULT_TEXT_NAME = "wikitext2-valid.tokens"
-WORDS_PER_TOKEN = 0.75  # English text; the report gives the token counts the server measured
+PREFILL_MAX_STREAMS = 32  # enough to fill a CPU engine's batch; a GPU sweep's prefill phase stays short
 
 
 @dataclass(frozen=True)
-class LoadSpec:
-    """What to send. Prompt lengths are approximate; the server's usage gives the exact counts."""
+class LoadSettings:
+    """Everything a load test is run with; it is written into the report as given."""
 
-    input_len: int = 512
-    output_len: int = 64
-    concurrency: int = 8
-    num_requests: int = 32
+    profiles: tuple[Profile, ...] = (Concurrency(8),)
+    workload: str = "synthetic"
+    source: Optional[Path] = None  # text (synthetic), prompts (file) or conversations (sharegpt)
+    input_len: LengthDist = LengthDist("fixed", 512)
+    output_len: Optional[LengthDist] = None  # synthetic and file: 64; sharegpt: the reply's length
+    shared_prefix: float = 0.0
+    num_requests: Optional[int] = 32
+    duration_s: Optional[float] = None
+    drain_s: float = 30.0
+    warmup: float = 0.1
+    cooldown: float = 0.1
     prefill_requests: int = 8
+    endpoint: str = "completions"
+    stream: bool = True
+    ignore_eos: bool = True
+    slos: tuple[SLO, ...] = ()
+    request_timeout_s: float = 600.0
     seed: int = 0
-    text_file: Optional[Path] = None
+    tokenizer: Optional[str] = None
+    stop_at_saturation: bool = True
+    saturation_gain: float = 0.05
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    def described(self) -> dict[str, Any]:
+        return {"profiles": [p.label for p in self.profiles], "workload": self.workload,
+                "source": str(self.source or DEFAULT_TEXT_NAME), "input_len": str(self.input_len),
+                "output_len": str(self.output_len) if self.output_len else None,
+                "shared_prefix": self.shared_prefix, "num_requests": self.num_requests,
+                "duration_s": self.duration_s, "warmup": self.warmup, "cooldown": self.cooldown,
+                "prefill_requests": self.prefill_requests, "endpoint": self.endpoint, "stream": self.stream,
+                "ignore_eos": self.ignore_eos, "slos": [str(s) for s in self.slos], "seed": self.seed,
+                "tokenizer": self.tokenizer}
 
 
-def make_prompts(spec: LoadSpec, count: int) -> list[str]:
-    """``count`` prompts of about ``input_len`` tokens, cut at seeded offsets from real text."""
-    path = spec.text_file or data_file(DEFAULT_TEXT_NAME)
-    if not path.exists():
-        raise EndpointError(f"prompt text {path} not found; pass --text-file with any local text file")
-    words = path.read_text(errors="replace").split()
-    n_words = max(1, int(spec.input_len * WORDS_PER_TOKEN))
-    if len(words) < n_words + 1:
-        raise EndpointError(f"{path} has {len(words)} words; {n_words} are needed for one prompt")
-    rng = random.Random(spec.seed)
-    return [" ".join(words[o:o + n_words]) for o in (rng.randrange(len(words) - n_words) for _ in range(count))]
+def _workload(settings: LoadSettings, tokenizer: Any) -> Iterator[RequestSpec]:
+    from loadtest.data import data_file
+
+    if settings.workload not in WORKLOADS:
+        raise WorkloadError(f"unknown workload {settings.workload!r}; use one of {', '.join(WORKLOADS)}")
+    if settings.workload != "synthetic" and settings.source is None:
+        raise WorkloadError(f"the {settings.workload} workload needs a file: pass --dataset PATH")
+    default_out = None if settings.workload == "sharegpt" else LengthDist("fixed", 64)
+    return WORKLOADS[settings.workload](
+        path=settings.source or data_file(DEFAULT_TEXT_NAME), input_len=settings.input_len,
+        output_len=settings.output_len or default_out, shared_prefix=settings.shared_prefix,
+        tokenizer=tokenizer, seed=settings.seed)
 
 
-async def _run_phase(client: httpx.AsyncClient, url: str, model: str, prompts: list[str], max_tokens: int,
-                     concurrency: int, desc: Optional[str] = None) -> tuple[list[RequestRecord], float]:
-    from tqdm import tqdm
-
-    sem = asyncio.Semaphore(concurrency)
-    bar = tqdm(total=len(prompts), desc=desc, unit="req", disable=desc is None, leave=False)
-
-    async def one(prompt: str) -> RequestRecord:
-        async with sem:
-            record = await timed_completion(client, url, model, prompt, max_tokens)
-            bar.update(1)
-            return record
-
-    start = time.perf_counter()
-    records = await asyncio.gather(*(one(p) for p in prompts))
-    bar.close()
-    return list(records), time.perf_counter() - start
+def request_rows(records: list[RequestRecord], counted: set[int]) -> list[dict[str, Any]]:
+    """One row per request (no per-chunk times): what the CSV and the plots are made from."""
+    return [{"index": r.index, "start_s": r.start, "ok": r.ok, "counted": r.index in counted,
+             "status": r.status, "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens,
+             "ttft_s": r.ttft, "tpot_s": r.tpot, "e2e_s": r.e2e, "max_itl_s": max(r.itl, default=None),
+             "cancelled": r.cancelled, "error": r.error} for r in records]
 
 
-def _phase_figures(records: list[RequestRecord], wall: float) -> dict[str, Any]:
-    ok = [r for r in records if r.ok]
-    out_tokens = sum(r.output_tokens for r in ok)
-    decode = [(r.output_tokens - 1) / (r.e2e - r.ttft) for r in ok if r.output_tokens > 1 and r.e2e > r.ttft]
+class _Progress:
+    """A live bar per run: completed requests, errors and output tokens so far."""
+
+    def __init__(self, enabled: bool, desc: str, total: Optional[int]) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="req", disable=not enabled, leave=False, dynamic_ncols=True)
+        self.errors = self.tokens = 0
+
+    def __call__(self, record: RequestRecord) -> None:
+        self.errors += not record.ok
+        self.tokens += record.output_tokens
+        self.bar.set_postfix_str(f"errors {self.errors}, {self.tokens} output tokens", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class LoadTest:
+    """One load test against one endpoint: holds the session, the workload and the stop signal."""
+
+    def __init__(self, url: str, model: str, settings: LoadSettings, tokenizer: Any, progress: bool,
+                 log: Callable[[str], None]) -> None:
+        self.url, self.model, self.settings, self.log, self.progress = url, model, settings, log, progress
+        self.specs = _workload(settings, tokenizer)
+        self.tokenizer = tokenizer
+        self.stop = asyncio.Event()
+
+    async def _issue(self, requester: Requester, profile: Profile, bounds: Bounds, desc: str,
+                     max_tokens: Optional[int] = None) -> list[RequestRecord]:
+        bar = _Progress(self.progress, desc, bounds.count)
+        try:
+            return await issue(requester, self.specs, profile, bounds, self.stop, self.settings.seed,
+                               max_tokens, on_done=bar)
+        finally:
+            bar.close()
+
+    async def prefill(self, requester: Requester) -> Optional[dict[str, Any]]:
+        """``max_tokens=1`` requests one at a time, then at the profiles' highest concurrency (at most
+        ``PREFILL_MAX_STREAMS``; 8 for open-loop profiles)."""
+        n = self.settings.prefill_requests
+        if n <= 0:
+            return None
+        limits = [p.limit for p in self.settings.profiles if p.limit]
+        streams = min(max(limits), PREFILL_MAX_STREAMS) if limits else 8
+        self.log(f"prefill phase: {n} requests one at a time, then {max(n, 2 * streams)} at {streams} streams, "
+                 f"max_tokens=1")
+        single = await self._issue(requester, Concurrency(1), Bounds(n), "prefill 1 stream", 1)
+        many = await self._issue(requester, Concurrency(streams), Bounds(max(n, 2 * streams)),
+                                 f"prefill {streams} streams", 1)
+        return prefill_figures(single, many, streams)
+
+    async def one_run(self, requester: Requester, session: aiohttp.ClientSession, profile: Profile,
+                      auto_scaled: bool) -> dict[str, Any]:
+        s = self.settings
+        count = s.num_requests
+        if auto_scaled and count is not None and profile.limit:
+            count = max(count, 4 * profile.limit)  # a doubling sweep needs several rounds per step
+        bounds = Bounds(count, s.duration_s, s.drain_s)
+        self.log(f"run: {profile.label}, {count or 'unbounded'} requests"
+                 + (f", {s.duration_s:g} s at most" if s.duration_s else ""))
+        before = await scrape(session, self.url, self.model)
+        t = time.perf_counter()
+        records = await self._issue(requester, profile, bounds, profile.label)
+        wall = time.perf_counter() - t
+        after = await scrape(session, self.url, self.model)
+        figures = run_figures(records, s.warmup, s.cooldown, s.slos)
+        counted = {r.index for r in counted_records(records, s.warmup, s.cooldown)}
+        return {"profile": profile.label, "kind": profile.kind, "concurrency": profile.limit,
+                "rate": getattr(profile, "rate", None), "wall_s": wall, **figures,
+                "server": server_figures(before, after, sum(r.prompt_tokens for r in records),
+                                         sum(r.output_tokens for r in records)),
+                "request_rows": request_rows(records, counted)}
+
+    async def run(self) -> dict[str, Any]:
+        s = self.settings
+        report: dict[str, Any] = {"schema": SCHEMA, "url": self.url, "model": self.model,
+                                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": s.described(),
+                                  "prefill": None, "runs": [], "saturated_at": None, "interrupted": False}
+        timeout = aiohttp.ClientTimeout(total=s.request_timeout_s, sock_connect=5.0)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False),
+                                         timeout=timeout) as session:
+            requester = Requester(session, self.url, self.model, s.endpoint, s.stream, s.ignore_eos,
+                                  self.tokenizer, s.extra_body)
+            await self._issue(requester, Concurrency(1), Bounds(1), "warm-up", 4)  # not counted
+            report["prefill"] = await self.prefill(requester)
+            best, auto = 0.0, len(s.profiles) > 1
+            for profile in s.profiles:
+                if self.stop.is_set():
+                    break
+                result = await self.one_run(requester, session, profile, auto)
+                report["runs"].append(result)
+                if auto and s.stop_at_saturation and profile.saturated(result, best, s.saturation_gain):
+                    report["saturated_at"] = profile.label
+                    self.log(f"saturated at {profile.label}: the sweep stops here")
+                    break
+                best = max(best, result["output_tok_s"] or 0.0)
+        report["interrupted"] = self.stop.is_set()
+        report["summary"] = summary(report)
+        return report
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures: prefill (1 stream and aggregate), decode per stream at the lowest
+    concurrency run, and the best aggregate output and decode throughput across runs."""
+    runs, prefill = report["runs"], report.get("prefill") or {}
+    lowest = min(runs, key=lambda r: r["concurrency"] or 1e9, default=None)
     return {
-        "requests": len(records), "errors": len(records) - len(ok),
-        "error_samples": sorted({r.error for r in records if r.error})[:3],
-        "wall_s": wall, "request_throughput": len(ok) / wall if wall else None,
-        "output_tok_s": out_tokens / wall if wall else None,
-        "mean_prompt_tokens": sum(r.prompt_tokens for r in ok) / len(ok) if ok else None,
-        "decode_tok_s_per_stream": sum(decode) / len(decode) if decode else None,
-        "ttft_s": summarize([r.ttft for r in ok]), "tpot_s": summarize([r.tpot for r in ok if r.tpot]),
-        "itl_s": summarize([g for r in ok for g in r.itl]), "e2e_s": summarize([r.e2e for r in ok]),
+        "prefill_tok_s": prefill.get("single_stream_tok_s"), "prefill_tok_s_aggregate": prefill.get("aggregate_tok_s"),
+        "decode_tok_s_per_stream": lowest["decode_tok_s_per_stream"]["p50"] if lowest else None,
+        "output_tok_s": max((r["output_tok_s"] or 0.0 for r in runs), default=None),
+        "decode_tok_s": max((r["decode_tok_s"] or 0.0 for r in runs), default=None),
+        "ttft_p50_s": runs[-1]["ttft_s"]["p50"] if runs else None,
+        "errors": sum(r["errors"]["count"] for r in runs),
     }
 
 
-async def _run(url: str, model: Optional[str], spec: LoadSpec, log: Callable[[str], None],
-               progress: bool) -> dict[str, Any]:
+async def _main(url: str, model: Optional[str], settings: LoadSettings, progress: bool,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    import httpx
+
+    from loadtest.client import check_endpoint
+
     url = base_url(url)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0),
-                                 limits=httpx.Limits(max_connections=None)) as client:
+    async with httpx.AsyncClient() as client:
         model = await check_endpoint(client, url, model)
-        prompts = make_prompts(spec, spec.prefill_requests + spec.num_requests + 2)
-        await _run_phase(client, url, model, prompts[:1], 4, 1)  # warm-up, not counted
-        log(f"prefill phase: {spec.prefill_requests} single-stream requests, max_tokens=1")
-        pre, pre_wall = await _run_phase(client, url, model, prompts[2:2 + spec.prefill_requests], 1, 1,
-                                         "prefill" if progress else None)
-        log(f"decode phase: 1 stream, {spec.output_len} tokens")
-        single, single_wall = await _run_phase(client, url, model, prompts[1:2], spec.output_len, 1,
-                                               "decode" if progress else None)
-        log(f"load phase: {spec.num_requests} requests at concurrency {spec.concurrency}")
-        load, load_wall = await _run_phase(client, url, model, prompts[2 + spec.prefill_requests:],
-                                           spec.output_len, spec.concurrency, "load" if progress else None)
-    pre_ok = [r for r in pre if r.ok]
-    prefill_tok_s = sum(r.prompt_tokens for r in pre_ok) / sum(r.ttft for r in pre_ok) if pre_ok else None
-    single_fig, load_fig = _phase_figures(single, single_wall), _phase_figures(load, load_wall)
-    return {
-        "schema": "qserve.loadtest/1", "url": url, "model": model, "spec": {**asdict(spec), "text_file": str(spec.text_file or DEFAULT_TEXT_NAME)},
-        "prefill_tok_s": prefill_tok_s, "decode_tok_s": single_fig["decode_tok_s_per_stream"],
-        "aggregate_output_tok_s": load_fig["output_tok_s"], "ttft_p50_s": load_fig["ttft_s"]["p50"],
-        "phases": {"prefill": _phase_figures(pre, pre_wall), "single_stream": single_fig, "load": load_fig},
-    }
+    tokenizer = None
+    if settings.tokenizer:
+        from accuracy.perplexity import load_tokenizer
+
+        tokenizer = load_tokenizer(settings.tokenizer)
+    test = LoadTest(url, model, settings, tokenizer, progress, log)
+    loop = asyncio.get_running_loop()
+    try:  # Ctrl-C stops issuing and cancels what is in flight; the partial report is still returned
+        loop.add_signal_handler(signal.SIGINT, test.stop.set)
+    except (NotImplementedError, RuntimeError):  # not the main thread (tests), or no signals here
+        pass
+    try:
+        return await test.run()
+    finally:
+        try:
+            loop.remove_signal_handler(signal.SIGINT)
+        except (NotImplementedError, RuntimeError):
+            pass
 
 
-def run_loadtest(url: str, model: Optional[str] = None, spec: LoadSpec = LoadSpec(),
+def run_async(coro: Any) -> Any:
+    """Runs ``coro`` on uvloop where it is installed (the tester's own overhead halves), else asyncio."""
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    if not hasattr(asyncio, "Runner"):  # Python 3.10
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+def run_loadtest(url: str, model: Optional[str] = None, settings: LoadSettings = LoadSettings(),
                  log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
-    """Measures prefill tok/s, single-stream decode tok/s and a concurrent load; returns the report dict."""
-    return asyncio.run(_run(url, model, spec, log, progress))
+    """Runs the load test of ``settings`` against ``url``; returns the report (schema ``qserve.loadtest/2``)."""
+    return run_async(_main(url, model, settings, progress, log))
+

@@ -6,18 +6,36 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+PERCENTILES = (50, 90, 99)
+
 
 @dataclass
 class RequestRecord:
-    """What one request measured. Times are seconds from the request's send."""
+    """What one request measured.
+
+    ``start`` is seconds from the run's start; ``ttft``/``e2e`` are seconds from the request's own
+    send; ``chunk_times`` are the arrival times (from the send) of every streamed chunk that carried
+    output, so ``itl`` and in-window token counts can be derived from them.
+    """
 
     ok: bool
+    index: int = 0
+    start: float = 0.0
     prompt_tokens: int = 0
     output_tokens: int = 0
     ttft: Optional[float] = None
     e2e: Optional[float] = None
-    itl: list[float] = field(default_factory=list)
+    chunk_times: list[float] = field(default_factory=list)
     error: Optional[str] = None
+    status: Optional[int] = None
+    cancelled: bool = False
+    token_source: str = "usage"
+
+    @property
+    def itl(self) -> list[float]:
+        """Gaps between consecutive output chunks (vLLM bench's ITL)."""
+        t = self.chunk_times
+        return [b - a for a, b in zip(t, t[1:])]
 
     @property
     def tpot(self) -> Optional[float]:
@@ -25,6 +43,17 @@ class RequestRecord:
         if self.e2e is None or self.ttft is None or self.output_tokens < 2:
             return None
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+    @property
+    def decode_rate(self) -> Optional[float]:
+        """Tokens after the first per second of this request's decode time."""
+        tpot = self.tpot
+        return 1.0 / tpot if tpot else None
+
+    @property
+    def end(self) -> Optional[float]:
+        """When the request finished, in seconds from the run's start."""
+        return self.start + self.e2e if self.e2e is not None else None
 
 
 def percentile(values: Sequence[float], q: float) -> Optional[float]:
@@ -38,6 +67,8 @@ def percentile(values: Sequence[float], q: float) -> Optional[float]:
 
 
 def summarize(values: Sequence[float]) -> dict[str, Optional[float]]:
-    """Mean and p50/p90/p99 of ``values``."""
-    return {"mean": sum(values) / len(values) if values else None,
-            "p50": percentile(values, 50), "p90": percentile(values, 90), "p99": percentile(values, 99)}
+    """Mean, p50/p90/p99 and max of ``values`` (None each where there are none)."""
+    summary: dict[str, Optional[float]] = {"mean": sum(values) / len(values) if values else None}
+    summary.update({f"p{q}": percentile(values, q) for q in PERCENTILES})
+    summary["max"] = max(values) if values else None
+    return summary

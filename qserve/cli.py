@@ -5,62 +5,20 @@ Heavy imports (torch, transformers, vLLM) happen inside the commands so that ``-
 
 from __future__ import annotations
 
-import functools
-import json
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, TypeVar
+from typing import List, Optional
 
 import typer
+
+from qserve.common import user_errors, write_json
+from qserve.loadtest_cli import loadtest_app
 
 app = typer.Typer(help="Quantize, export, serve, load-test and evaluate LLMs on vLLM.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Built-in demo models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-
-F = TypeVar("F", bound=Callable)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The error types whose message is meant for the user as it is (each says how to fix it)."""
-    from exporters.atomic import OutputExistsError
-    from exporters.models import ModelError
-    from loadtest.client import EndpointError
-    from quantize.calibration import CalibrationError
-    from quantize.methods import MethodError
-    from accuracy.tasks import TaskError
-    from quantize.schemes import SchemeError
-    from serving.engine import EngineStartError
-    from serving.server import ServeError
-
-    return (OutputExistsError, ModelError, EndpointError, MethodError, SchemeError, CalibrationError,
-            EngineStartError, ServeError, FileNotFoundError, TaskError)
-
-
-def user_errors(fn: F) -> F:
-    """Turns the library's user-facing errors into one ``error:`` message and exit code 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130)
-        except Exception as exc:
-            if isinstance(exc, _user_errors()):
-                typer.echo(f"error: {exc}", err=True)
-                raise typer.Exit(1)
-            raise
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _write_json(path: Optional[Path], data: dict) -> None:
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2))
-        typer.echo(f"saved {path}")
+app.add_typer(loadtest_app, name="loadtest")
 
 
 @models_app.command("prepare")
@@ -149,7 +107,7 @@ def inspect(checkpoint: Path = typer.Argument(..., help="Checkpoint directory.")
 
     report = inspect_checkpoint(checkpoint)
     typer.echo(report.markdown())
-    _write_json(json_out, report.to_dict())
+    write_json(json_out, report.to_dict())
     if report.problems:
         raise typer.Exit(1)
 
@@ -172,29 +130,6 @@ def serve(ctx: typer.Context,
 
     run_server(resolve_model(model), host=host, port=port, served_name=name, max_model_len=max_model_len,
                engine_args=tuple(ctx.args), enforce_eager=enforce_eager, log_dir=log_dir, log=typer.echo)
-
-
-@app.command()
-@user_errors
-def loadtest(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible server."),
-             model: Optional[str] = typer.Option(None, help="Model name (default: the first served)."),
-             input_len: int = typer.Option(512, help="Approximate prompt length in tokens."),
-             output_len: int = typer.Option(64, help="Output tokens per request (EOS ignored)."),
-             concurrency: int = typer.Option(8, help="Concurrent streams in the load phase."),
-             num_requests: int = typer.Option(32, help="Requests in the load phase."),
-             text_file: Optional[Path] = typer.Option(None, help="Text to cut prompts from."),
-             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the JSON report here.")) -> None:
-    """Measure prefill and decode throughput and latency percentiles of a served model."""
-    from loadtest.runner import LoadSpec, run_loadtest
-
-    spec = LoadSpec(input_len=input_len, output_len=output_len, concurrency=concurrency,
-                    num_requests=num_requests, text_file=text_file)
-    report = run_loadtest(url, model, spec, log=typer.echo)
-    load = report["phases"]["load"]
-    typer.echo(f"prefill {report['prefill_tok_s'] or 0:,.0f} tok/s | decode {report['decode_tok_s'] or 0:.1f} tok/s "
-               f"(1 stream) | {load['output_tok_s'] or 0:.1f} output tok/s at {concurrency} streams | "
-               f"TTFT p50 {(report['ttft_p50_s'] or 0) * 1000:.0f} ms | errors {load['errors']}")
-    _write_json(output, report)
 
 
 @app.command("eval")
@@ -234,7 +169,7 @@ def evaluate(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatib
     report = evaluate_endpoint(settings, log=typer.echo)
     table = markdown(report)
     typer.echo(table)
-    _write_json(output, report)
+    write_json(output, report)
     if markdown_out:
         markdown_out.parent.mkdir(parents=True, exist_ok=True)
         markdown_out.write_text(table + "\n")

