@@ -80,12 +80,13 @@ def _errors(records: Sequence[RequestRecord]) -> dict[str, Any]:
             "samples": [f"{n} x {msg}" for msg, n in Counter(r.error for r in failed).most_common(3)]}
 
 
-def goodput(counted: Sequence[RequestRecord], slos: Sequence[SLO], duration: Optional[float]) -> dict[str, Any]:
-    """Requests that succeeded within every SLO: their count, fraction and rate over the window."""
+def goodput(counted: Sequence[RequestRecord], slos: Sequence[SLO], request_throughput: Optional[float]) -> dict[str, Any]:
+    """Requests that succeeded within every SLO: their count, their fraction of the counted requests,
+    and that fraction of the request throughput."""
     good = [r for r in counted if r.ok and all(s.met_by(r) for s in slos)]
-    return {"slos": [str(s) for s in slos], "requests": len(good),
-            "fraction": len(good) / len(counted) if counted else None,
-            "request_throughput": len(good) / duration if duration else None}
+    fraction = len(good) / len(counted) if counted else None
+    return {"slos": [str(s) for s in slos], "requests": len(good), "fraction": fraction,
+            "request_throughput": fraction * request_throughput if fraction is not None and request_throughput else None}
 
 
 def run_figures(records: Sequence[RequestRecord], warmup: float = 0.0, cooldown: float = 0.0,
@@ -111,7 +112,7 @@ def run_figures(records: Sequence[RequestRecord], warmup: float = 0.0, cooldown:
         "output_tokens": summarize([r.output_tokens for r in ok]),
         "ttft_s": summarize([r.ttft for r in ok]), "tpot_s": summarize([t for r in ok if (t := r.tpot)]),
         "itl_s": summarize([g for r in ok for g in r.itl]), "e2e_s": summarize([r.e2e for r in ok]),
-        "goodput": goodput(counted, slos, duration) if slos else None,
+        "goodput": goodput(counted, slos, rate(finished)) if slos else None,
         "token_source": dict(sources),
     }
 

@@ -49,6 +49,7 @@ def _throughput_plot(report: dict[str, Any], path: Path) -> bool:
         ax.set_xlabel("offered rate (req/s)" if by_rate else "concurrent streams")
         ax.set_ylabel(ylabel)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

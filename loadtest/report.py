@@ -107,8 +107,11 @@ def load_report(path: Path) -> dict[str, Any]:
 
     try:
         report = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EndpointError(f"cannot read the load test report {path}: {exc}") from None
+    except OSError as exc:
+        raise EndpointError(f"cannot read the load test report {path}: {exc.strerror}") from None
+    except ValueError:
+        raise EndpointError(f"{path} is not a qserve load test report (not JSON); pass the file written by "
+                            f"`qserve loadtest URL -o FILE.json`") from None
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         raise EndpointError(f"{path} is not a qserve load test report of schema {SCHEMA} "
                             f"(found {report.get('schema') if isinstance(report, dict) else type(report).__name__}); "

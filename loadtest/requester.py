@@ -82,7 +82,7 @@ class Requester:
             return
         if record.error:
             return
-        record.e2e = time.perf_counter() - start
+        record.e2e = time.perf_counter() - start if self.stream else record.ttft
         record.ok = record.ttft is not None
         if not record.ok:
             record.error = "no tokens streamed"

@@ -107,11 +107,10 @@ class _Progress:
 class LoadTest:
     """One load test against one endpoint: holds the session, the workload and the stop signal."""
 
-    def __init__(self, url: str, model: str, settings: LoadSettings, tokenizer: Any, progress: bool,
-                 log: Callable[[str], None]) -> None:
+    def __init__(self, url: str, model: str, settings: LoadSettings, specs: Iterator[RequestSpec], tokenizer: Any,
+                 progress: bool, log: Callable[[str], None]) -> None:
         self.url, self.model, self.settings, self.log, self.progress = url, model, settings, log, progress
-        self.specs = _workload(settings, tokenizer)
-        self.tokenizer = tokenizer
+        self.specs, self.tokenizer = specs, tokenizer
         self.stop = asyncio.Event()
 
     async def _issue(self, requester: Requester, profile: Profile, bounds: Bounds, desc: str,
@@ -209,15 +208,16 @@ async def _main(url: str, model: Optional[str], settings: LoadSettings, progress
 
     from loadtest.client import check_endpoint
 
-    url = base_url(url)
-    async with httpx.AsyncClient() as client:
-        model = await check_endpoint(client, url, model)
     tokenizer = None
     if settings.tokenizer:
         from accuracy.perplexity import load_tokenizer
 
         tokenizer = load_tokenizer(settings.tokenizer)
-    test = LoadTest(url, model, settings, tokenizer, progress, log)
+    specs = _workload(settings, tokenizer)  # bad files fail here, before any request
+    url = base_url(url)
+    async with httpx.AsyncClient() as client:
+        model = await check_endpoint(client, url, model)
+    test = LoadTest(url, model, settings, specs, tokenizer, progress, log)
     loop = asyncio.get_running_loop()
     try:  # Ctrl-C stops issuing and cancels what is in flight; the partial report is still returned
         loop.add_signal_handler(signal.SIGINT, test.stop.set)

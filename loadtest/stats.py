@@ -39,8 +39,8 @@ class RequestRecord:
 
     @property
     def tpot(self) -> Optional[float]:
-        """Time per output token after the first."""
-        if self.e2e is None or self.ttft is None or self.output_tokens < 2:
+        """Time per output token after the first (None unless the tokens arrived in two chunks or more)."""
+        if self.e2e is None or self.ttft is None or self.output_tokens < 2 or len(self.chunk_times) < 2:
             return None
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
 

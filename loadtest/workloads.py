@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -88,15 +89,18 @@ def synthetic(path: Path, input_len: LengthDist, output_len: LengthDist, shared_
     def cut(n: int, offset: int) -> list:
         return [units[(offset + i) % len(units)] for i in range(n)]
 
-    while True:
-        n = max(1, round(input_len.sample(rng) * scale))
-        n_prefix = int(n * shared_prefix)
-        piece = cut(n_prefix, 0) + cut(n - n_prefix, rng.randrange(len(units)))
-        max_tokens = output_len.sample(rng)
-        if tokenizer is None:
-            yield RequestSpec(" ".join(piece), max_tokens)
-        else:
-            yield RequestSpec(tokenizer.decode(piece), max_tokens, tuple(piece))
+    def stream() -> Iterator[RequestSpec]:
+        while True:
+            n = max(1, round(input_len.sample(rng) * scale))
+            n_prefix = int(n * shared_prefix)
+            piece = cut(n_prefix, 0) + cut(n - n_prefix, rng.randrange(len(units)))
+            max_tokens = output_len.sample(rng)
+            if tokenizer is None:
+                yield RequestSpec(" ".join(piece), max_tokens)
+            else:
+                yield RequestSpec(tokenizer.decode(piece), max_tokens, tuple(piece))
+
+    return stream()
 
 
 def prompt_file(path: Path, output_len: LengthDist, seed: int = 0, shared_prefix: float = 0.0, **_: Any) -> Iterator[RequestSpec]:
@@ -120,9 +124,8 @@ def prompt_file(path: Path, output_len: LengthDist, seed: int = 0, shared_prefix
     if not prompts:
         raise WorkloadError(f"{path} holds no prompts")
     rng = random.Random(seed)
-    while True:
-        for text, max_tokens in prompts:
-            yield RequestSpec(text, max_tokens or output_len.sample(rng))
+    return (RequestSpec(text, max_tokens or output_len.sample(rng))
+            for _ in itertools.count() for text, max_tokens in prompts)
 
 
 def _no_shared_prefix(shared_prefix: float) -> None:
@@ -169,9 +172,8 @@ def sharegpt(path: Path, output_len: Optional[LengthDist] = None, tokenizer: Opt
 
     budgets = [max(1, reply_tokens(answer)) for _, answer in pairs]
     rng = random.Random(seed)
-    while True:
-        for (ask, _), budget in zip(pairs, budgets):
-            yield RequestSpec(ask, output_len.sample(rng) if output_len else budget)
+    return (RequestSpec(ask, output_len.sample(rng) if output_len else budget)
+            for _ in itertools.count() for (ask, _), budget in zip(pairs, budgets))
 
 
 WORKLOADS: dict[str, Callable[..., Iterator[RequestSpec]]] = {"synthetic": synthetic, "file": prompt_file,

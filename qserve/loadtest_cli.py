@@ -42,7 +42,8 @@ def run(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible se
         output_len: Optional[str] = typer.Option(None, help="Output tokens, same forms (default 64; ShareGPT: the "
                                                             "reply's length). EOS is ignored so it holds."),
         shared_prefix: float = typer.Option(0.0, help="Fraction of each synthetic prompt shared by all requests."),
-        num_requests: int = typer.Option(32, help="Requests per run (0: until --duration)."),
+        num_requests: int = typer.Option(32, help="Requests per run (0: until --duration); a sweep step sends at "
+                                                  "least 4 per stream."),
         duration: Optional[float] = typer.Option(None, help="Seconds per run after which no request is issued."),
         warmup: float = typer.Option(0.1, help="Leading requests left out of the figures (<1: a fraction)."),
         cooldown: float = typer.Option(0.1, help="Trailing requests left out of the figures (<1: a fraction)."),
