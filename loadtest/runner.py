@@ -41,6 +41,7 @@ class LoadSettings:
     warmup: float = 0.1
     cooldown: float = 0.1
     prefill_requests: int = 8
+    warmup_requests: int = 1
     endpoint: str = "completions"
     stream: bool = True
     ignore_eos: bool = True
@@ -58,7 +59,8 @@ class LoadSettings:
                 "output_len": str(self.output_len) if self.output_len else None,
                 "shared_prefix": self.shared_prefix, "num_requests": self.num_requests,
                 "duration_s": self.duration_s, "warmup": self.warmup, "cooldown": self.cooldown,
-                "prefill_requests": self.prefill_requests, "endpoint": self.endpoint, "stream": self.stream,
+                "prefill_requests": self.prefill_requests, "warmup_requests": self.warmup_requests,
+                "endpoint": self.endpoint, "stream": self.stream,
                 "ignore_eos": self.ignore_eos, "slos": [str(s) for s in self.slos], "seed": self.seed,
                 "tokenizer": self.tokenizer}
 
@@ -122,14 +124,27 @@ class LoadTest:
         finally:
             bar.close()
 
+    @property
+    def streams(self) -> int:
+        """The concurrency of the prefill and warm-up phases: the profiles' highest, within bounds."""
+        limits = [p.limit for p in self.settings.profiles if p.limit]
+        return min(max(limits), PREFILL_MAX_STREAMS) if limits else 8
+
+    async def warm_up(self, requester: Requester) -> None:
+        """Unmeasured requests first: engines run their first requests slower (vLLM-CPU in eager mode
+        takes about a minute of load to reach its pace)."""
+        n = self.settings.warmup_requests
+        if n > 0:
+            self.log(f"warm-up: {n} unmeasured requests at {min(n, self.streams)} streams")
+            await self._issue(requester, Concurrency(min(n, self.streams)), Bounds(n), "warm-up")
+
     async def prefill(self, requester: Requester) -> Optional[dict[str, Any]]:
         """``max_tokens=1`` requests one at a time, then at the profiles' highest concurrency (at most
         ``PREFILL_MAX_STREAMS``; 8 for open-loop profiles)."""
         n = self.settings.prefill_requests
         if n <= 0:
             return None
-        limits = [p.limit for p in self.settings.profiles if p.limit]
-        streams = min(max(limits), PREFILL_MAX_STREAMS) if limits else 8
+        streams = self.streams
         self.log(f"prefill phase: {n} requests one at a time, then {max(n, 2 * streams)} at {streams} streams, "
                  f"max_tokens=1")
         single = await self._issue(requester, Concurrency(1), Bounds(n), "prefill 1 stream", 1)
@@ -169,7 +184,7 @@ class LoadTest:
                                          timeout=timeout) as session:
             requester = Requester(session, self.url, self.model, s.endpoint, s.stream, s.ignore_eos,
                                   self.tokenizer, s.extra_body)
-            await self._issue(requester, Concurrency(1), Bounds(1), "warm-up", 4)  # not counted
+            await self.warm_up(requester)
             report["prefill"] = await self.prefill(requester)
             best, auto = 0.0, len(s.profiles) > 1
             for profile in s.profiles:
