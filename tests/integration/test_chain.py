@@ -97,6 +97,6 @@ def test_loadtest_against_the_gateway(w8a8_gateway, w8a8_model):
     assert report["summary"]["prefill_tok_s"] > 0 and report["prefill"]["aggregate_tok_s"] > 0
     assert single["decode_tok_s_per_stream"]["p50"] > 0 and loaded["decode_tok_s"] > single["decode_tok_s"]
     assert loaded["ttft_s"]["p50"] <= loaded["e2e_s"]["p50"] and loaded["itl_s"]["p99"] is not None
-    server = loaded["server"]
-    assert server["engine_output_tokens"] == server["client_output_tokens"] == 8 * 16
-    assert server["engine_prompt_tokens"] == server["client_prompt_tokens"] == 8 * 128
+    server, issued = loaded["server"], loaded["requests"]["issued"]  # a sweep step sends >= 4 per stream
+    assert issued == 16 and server["engine_output_tokens"] == server["client_output_tokens"] == issued * 16
+    assert server["engine_prompt_tokens"] == server["client_prompt_tokens"] == issued * 128

@@ -13,9 +13,11 @@ def test_percentile_interpolates_like_numpy():
 
 
 def test_tpot_excludes_the_first_token():
-    record = RequestRecord(ok=True, output_tokens=5, ttft=0.2, e2e=1.0)
+    record = RequestRecord(ok=True, output_tokens=5, ttft=0.2, e2e=1.0, chunk_times=[0.2, 0.4, 0.6, 0.8, 1.0])
     assert record.tpot == pytest.approx(0.2)
-    assert RequestRecord(ok=True, output_tokens=1, ttft=0.2, e2e=0.2).tpot is None
+    assert RequestRecord(ok=True, output_tokens=1, ttft=0.2, e2e=0.2, chunk_times=[0.2]).tpot is None
+    # one chunk (a non-streamed answer) says nothing about the time per token
+    assert RequestRecord(ok=True, output_tokens=5, ttft=1.0, e2e=1.0, chunk_times=[1.0]).tpot is None
 
 
 def test_engine_metrics_get_a_backend_label_and_one_header():
