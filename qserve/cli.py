@@ -19,6 +19,26 @@ app = typer.Typer(help="Quantize, export, serve, load-test and evaluate LLMs on 
 models_app = typer.Typer(help="Built-in demo models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(loadtest_app, name="loadtest")
+keys_app = typer.Typer(help="API keys for `qserve serve --api-keys FILE`.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(key_id: str = typer.Argument(..., help="A name for the key, shown in metrics and errors."),
+             rpm: Optional[int] = typer.Option(None, help="Requests per minute."),
+             tpm: Optional[int] = typer.Option(None, help="Prompt + completion tokens per minute."),
+             model: List[str] = typer.Option([], help="Allowed model (repeatable; default: all).")) -> None:
+    """Make a random key: prints it once, and the key-file entry that stores only its SHA-256."""
+    import secrets
+
+    from serving.keys import key_hash
+
+    key = "sk-qs-" + secrets.token_urlsafe(24)
+    entry = [f"  - id: {key_id}", f"    sha256: {key_hash(key)}"]
+    entry += [f"    rpm: {rpm}"] if rpm else []
+    entry += [f"    tpm: {tpm}"] if tpm else []
+    entry += [f"    models: [{', '.join(model)}]"] if model else []
+    typer.echo(f"key (shown once, give it to the client): {key}\n\nkey-file entry (under `keys:`):\n" + "\n".join(entry))
 
 
 @models_app.command("prepare")
@@ -123,13 +143,23 @@ def serve(ctx: typer.Context,
           enforce_eager: Optional[bool] = typer.Option(
               None, "--enforce-eager/--compile",
               help="Skip torch.compile and CUDA graphs. Default: eager on the CPU engine (starts in ~30 s, not ~3 min)."),
-          log_dir: Optional[Path] = typer.Option(None, help="Where vLLM's log goes (default $QSERVE_CACHE/logs, i.e. ~/.cache/qserve/logs).")) -> None:
+          log_dir: Optional[Path] = typer.Option(None, help="Where vLLM's log goes (default $QSERVE_CACHE/logs, i.e. ~/.cache/qserve/logs)."),
+          api_keys: Optional[Path] = typer.Option(None, help="YAML/JSON key file (hashed keys, rpm/tpm limits, model "
+                                                             "allow-lists); QSERVE_API_KEY adds one key. None: open."),
+          max_in_flight: int = typer.Option(256, help="Requests at once at the engine; more wait in the queue."),
+          max_queue: int = typer.Option(512, help="Requests waiting for a slot; beyond, 429 with Retry-After."),
+          queue_timeout: float = typer.Option(60.0, help="Seconds a request may wait in the queue before a 429.")) -> None:
     """Serve a checkpoint on vLLM behind the OpenAI-compatible gateway. Extra arguments go to vLLM."""
     from exporters.models import resolve_model
+    from serving.admission import AdmissionLimits
+    from serving.keys import KeyRing
     from serving.server import serve as run_server
 
+    keys = KeyRing.load(api_keys)  # a bad key file fails before vLLM starts
+    limits = AdmissionLimits(max_in_flight=max_in_flight, max_queue=max_queue, queue_timeout_s=queue_timeout)
     run_server(resolve_model(model), host=host, port=port, served_name=name, max_model_len=max_model_len,
-               engine_args=tuple(ctx.args), enforce_eager=enforce_eager, log_dir=log_dir, log=typer.echo)
+               engine_args=tuple(ctx.args), enforce_eager=enforce_eager, log_dir=log_dir, log=typer.echo,
+               keys=keys, admission=limits)
 
 
 @app.command("eval")

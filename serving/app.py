@@ -10,8 +10,10 @@ from typing import AsyncIterator, Callable, Optional
 import httpx
 from fastapi import FastAPI
 
+from serving.admission import AdmissionLimits
 from serving.backends import Backend, BackendPool
 from serving.errors import install_error_handlers
+from serving.keys import KeyRing
 from serving.metrics import GatewayMetrics
 from serving.routes import router
 from serving.service import OpenAIProxy
@@ -24,20 +26,22 @@ class GatewaySettings:
     backends: list[Backend]
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 5.0
+    keys: KeyRing = field(default_factory=lambda: KeyRing([]))
+    admission: AdmissionLimits = AdmissionLimits()
     on_fatal: Callable[[str], None] = field(default=lambda message: None)
     log: Callable[[str], None] = print
 
 
 def build_app(settings: GatewaySettings) -> FastAPI:
     """The gateway: OpenAI routes, ``/health``, ``/ready``, ``/metrics``; engines start with the app."""
-    pool = BackendPool(settings.backends)
+    pool = BackendPool(settings.backends, settings.admission)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-            app.state.proxy = OpenAIProxy(pool, GatewayMetrics(), client)
+            app.state.proxy = OpenAIProxy(pool, GatewayMetrics(), client, settings.keys)
             starter: Optional[asyncio.Task] = asyncio.create_task(pool.start(settings.on_fatal, settings.log))
             try:
                 yield

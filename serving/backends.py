@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from serving.admission import Admission, AdmissionLimits
 from serving.engine import EngineConfig, EngineStartError, VLLMEngine
 from serving.errors import APIError
 
@@ -22,6 +23,7 @@ class Backend:
     error: Optional[str] = None
     created: int = field(default_factory=lambda: int(time.time()))
     max_model_len: Optional[int] = None
+    admission: Admission = field(default=None)  # type: ignore[assignment]  # set by the pool
 
     @classmethod
     def launched(cls, config: EngineConfig) -> "Backend":
@@ -36,8 +38,10 @@ class Backend:
 class BackendPool:
     """Looks backends up by model name and starts/stops the launched ones."""
 
-    def __init__(self, backends: list[Backend]) -> None:
+    def __init__(self, backends: list[Backend], limits: AdmissionLimits = AdmissionLimits()) -> None:
         self.backends = {b.model: b for b in backends}
+        for b in backends:
+            b.admission = Admission(b.model, limits)
 
     def get(self, model: str) -> Backend:
         backend = self.backends.get(model)

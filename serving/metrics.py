@@ -13,13 +13,14 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("qserve_requests", "Requests by model, endpoint and HTTP status",
-                                ["model", "endpoint", "status"], registry=r)
+        self.requests = Counter("qserve_requests", "Requests by model, endpoint, HTTP status and API key id",
+                                ["model", "endpoint", "status", "key"], registry=r)
         self.latency = Histogram("qserve_request_latency_seconds", "End-to-end request latency",
                                  ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("qserve_time_to_first_token_seconds", "Time to the first streamed token",
                               ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("qserve_requests_in_flight", "Requests being served", ["model"], registry=r)
+        self.queued = Gauge("qserve_requests_queued", "Requests waiting for a backend slot", ["model"], registry=r)
         self.prompt_tokens = Counter("qserve_prompt_tokens", "Prompt tokens", ["model"], registry=r)
         self.completion_tokens = Counter("qserve_completion_tokens", "Completion tokens", ["model"], registry=r)
         self.upstream_errors = Counter("qserve_upstream_errors", "Failures talking to an engine",

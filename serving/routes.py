@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from serving.errors import APIError
 from serving.metrics import label_exposition
@@ -11,7 +12,7 @@ from serving.protocol import ChatCompletionRequest, CompletionRequest, ErrorResp
 from serving.service import OpenAIProxy
 
 router = APIRouter()
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 429, 502, 503, 504)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 429, 502, 503, 504)}
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -20,11 +21,12 @@ def _proxy(request: Request) -> OpenAIProxy:
 
 
 async def _generate(request: Request, endpoint: str, body: CompletionRequest | ChatCompletionRequest) -> Response:
-    proxy = _proxy(request)
+    proxy, authorization = _proxy(request), request.headers.get("authorization")
     if body.stream:
-        events = await proxy.open_stream(endpoint, body)
-        return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
-    return JSONResponse(await proxy.complete(endpoint, body))
+        stream = await proxy.open_stream(endpoint, body, authorization)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS,
+                                 background=BackgroundTask(stream.close))
+    return JSONResponse(await proxy.complete(endpoint, body, authorization))
 
 
 @router.post("/v1/completions", responses=_ERRORS)
@@ -61,6 +63,8 @@ async def ready(request: Request) -> dict[str, object]:
 async def metrics(request: Request) -> Response:
     """The gateway's ``qserve_`` metrics followed by every ready engine's own, labelled by backend."""
     proxy = _proxy(request)
+    for backend in proxy.pool.backends.values():
+        proxy.metrics.queued.labels(backend.model).set(backend.admission.queued)
     parts, seen = [proxy.metrics.render().decode()], set()
     for backend in proxy.pool.backends.values():
         if backend.state != "ready":

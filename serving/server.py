@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from exporters.models import cache_root
+from serving.admission import AdmissionLimits
 from serving.app import GatewaySettings, build_app
 from serving.backends import Backend
 from serving.engine import EngineConfig
+from serving.keys import KeyRing
 
 
 class ServeError(RuntimeError):
@@ -41,7 +43,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, served_name: Optional[str] = None,
           max_model_len: int = 4096, engine_args: tuple[str, ...] = (), enforce_eager: Optional[bool] = None,
-          log_dir: Optional[Path] = None, log: Callable[[str], None] = print) -> None:
+          log_dir: Optional[Path] = None, log: Callable[[str], None] = print, keys: Optional[KeyRing] = None,
+          admission: AdmissionLimits = AdmissionLimits()) -> None:
     """Runs the gateway on ``host:port`` with one vLLM engine for ``model_dir`` until SIGINT/SIGTERM."""
     import uvicorn
 
@@ -64,7 +67,8 @@ def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, served_nam
         if message.startswith("vLLM for") and "ready" in message:
             log(f"serving {name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)")
 
-    settings = GatewaySettings(backends=[Backend.launched(engine)], on_fatal=on_fatal, log=on_log)
+    settings = GatewaySettings(backends=[Backend.launched(engine)], on_fatal=on_fatal, log=on_log,
+                               keys=keys or KeyRing([]), admission=admission)
     config = uvicorn.Config(build_app(settings), log_level="warning", timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)
     log(f"gateway listening on http://{host}:{port} (ready once vLLM is up: GET /ready)")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 import httpx
 
 from serving.backends import Backend, BackendPool
 from serving.errors import APIError
+from serving.keys import APIKey, KeyRing
 from serving.metrics import GatewayMetrics
 from serving.protocol import ModelCard, ModelList, _GenerationRequest
 
@@ -19,22 +21,41 @@ DONE = b"data: [DONE]\n\n"
 class OpenAIProxy:
     """Forwards validated requests to the backend serving their model and records metrics."""
 
-    def __init__(self, pool: BackendPool, metrics: GatewayMetrics, client: httpx.AsyncClient) -> None:
+    def __init__(self, pool: BackendPool, metrics: GatewayMetrics, client: httpx.AsyncClient,
+                 keys: Optional[KeyRing] = None) -> None:
         self.pool = pool
         self.metrics = metrics
         self.client = client
+        self.keys = keys or KeyRing([])
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=b.model, created=b.created, root=b.model, max_model_len=b.max_model_len)
                                for b in self.pool.backends.values()])
 
-    def _record(self, model: str, endpoint: str, status: int, started: float, usage: Optional[dict]) -> None:
+    def _record(self, model: str, endpoint: str, status: int, started: float, usage: Optional[dict],
+                key: Optional[APIKey] = None) -> None:
         m = self.metrics
-        m.requests.labels(model, endpoint, str(status)).inc()
+        m.requests.labels(model, endpoint, str(status), key.id if key else "-").inc()
         m.latency.labels(model, endpoint).observe(time.perf_counter() - started)
         if usage:
-            m.prompt_tokens.labels(model).inc(usage.get("prompt_tokens") or 0)
-            m.completion_tokens.labels(model).inc(usage.get("completion_tokens") or 0)
+            prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+            m.prompt_tokens.labels(model).inc(prompt)
+            m.completion_tokens.labels(model).inc(completion)
+            self.keys.record_tokens(key, prompt + completion)
+
+    async def _admit(self, endpoint: str, request: _GenerationRequest, authorization: Optional[str],
+                     started: float) -> tuple[Optional[APIKey], Backend]:
+        """Authenticates, finds the backend and takes one of its slots; a refusal is counted, then raised."""
+        key = None
+        try:
+            key = self.keys.identify(authorization)
+            self.keys.admit(key, request.model)
+            backend = self.pool.get(request.model)
+            await backend.admission.acquire()
+        except APIError as err:
+            self._record(request.model, endpoint, err.status, started, None, key)
+            raise
+        return key, backend
 
     def _upstream_error(self, backend: Backend, exc: httpx.HTTPError) -> APIError:
         if isinstance(exc, httpx.TimeoutException):
@@ -56,54 +77,86 @@ class OpenAIProxy:
                         param=err.get("param") if isinstance(err, dict) else None,
                         code=err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else None)
 
-    async def complete(self, endpoint: str, request: _GenerationRequest) -> dict[str, Any]:
+    async def complete(self, endpoint: str, request: _GenerationRequest,
+                       authorization: Optional[str] = None) -> dict[str, Any]:
         """A non-streaming request: the engine's JSON answer."""
-        backend = self.pool.get(request.model)
         started = time.perf_counter()
+        key, backend = await self._admit(endpoint, request, authorization, started)
         self.metrics.in_flight.labels(request.model).inc()
         try:
             resp = await self.client.post(f"{backend.url}{endpoint}", json=request.model_dump(exclude_none=True))
         except httpx.HTTPError as exc:
             err = self._upstream_error(backend, exc)
-            self._record(request.model, endpoint, err.status, started, None)
+            self._record(request.model, endpoint, err.status, started, None, key)
             raise err from None
         finally:
             self.metrics.in_flight.labels(request.model).dec()
+            await backend.admission.release()
         if resp.status_code != 200:
-            self._record(request.model, endpoint, resp.status_code, started, None)
+            self._record(request.model, endpoint, resp.status_code, started, None, key)
             raise self._relay_error(resp.status_code, resp.content)
         body = resp.json()
-        self._record(request.model, endpoint, 200, started, body.get("usage"))
+        self._record(request.model, endpoint, 200, started, body.get("usage"), key)
         return body
 
-    async def open_stream(self, endpoint: str, request: _GenerationRequest) -> AsyncIterator[bytes]:
+    async def open_stream(self, endpoint: str, request: _GenerationRequest,
+                          authorization: Optional[str] = None) -> "RelayStream":
         """Starts a streaming request; errors before the first byte raise, later ones become an error event."""
-        backend = self.pool.get(request.model)
+        started = time.perf_counter()
+        key, backend = await self._admit(endpoint, request, authorization, started)
         wants_usage = bool(request.stream_options and request.stream_options.include_usage)
         payload = request.model_dump(exclude_none=True)
         payload["stream_options"] = {**payload.get("stream_options", {}), "include_usage": True}
-        started = time.perf_counter()
         try:
             upstream = await self.client.send(
                 self.client.build_request("POST", f"{backend.url}{endpoint}", json=payload), stream=True)
         except httpx.HTTPError as exc:
+            await backend.admission.release()
             err = self._upstream_error(backend, exc)
-            self._record(request.model, endpoint, err.status, started, None)
+            self._record(request.model, endpoint, err.status, started, None, key)
             raise err from None
         if upstream.status_code != 200:
             content = await upstream.aread()
             await upstream.aclose()
-            self._record(request.model, endpoint, upstream.status_code, started, None)
+            await backend.admission.release()
+            self._record(request.model, endpoint, upstream.status_code, started, None, key)
             raise self._relay_error(upstream.status_code, content)
-        return self._relay(backend, endpoint, request.model, upstream, started, wants_usage)
+        return RelayStream(self, StreamContext(backend, endpoint, request.model, upstream, started, wants_usage, key))
 
-    async def _relay(self, backend: Backend, endpoint: str, model: str, upstream: httpx.Response,
-                     started: float, wants_usage: bool) -> AsyncIterator[bytes]:
-        # 499 (client closed request) stands until the stream ends one way or the other.
-        usage, status, first = None, 499, True
-        self.metrics.in_flight.labels(model).inc()
+
+@dataclass
+class StreamContext:
+    """One relayed stream: where it goes and what it is counted against."""
+
+    backend: Backend
+    endpoint: str
+    model: str
+    upstream: httpx.Response
+    started: float
+    wants_usage: bool
+    key: Optional[APIKey]
+
+
+class RelayStream:
+    """An engine's SSE stream relayed to the client, usage stripped where it was not asked for.
+
+    ``close`` (idempotent) frees the backend slot, closes the upstream connection (vLLM then aborts the
+    request) and counts the request; the relay calls it when it ends, and the route also runs it after
+    the response, so a client that leaves before the first byte leaks nothing (counted as 499).
+    """
+
+    def __init__(self, proxy: OpenAIProxy, ctx: StreamContext) -> None:
+        self.proxy, self.ctx, self.closed = proxy, ctx, False
+        proxy.metrics.in_flight.labels(ctx.model).inc()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        ctx, metrics = self.ctx, self.proxy.metrics
+        usage, status, first = None, 499, True  # 499 (client closed request) until the stream ends otherwise
         try:
-            async for line in upstream.aiter_lines():
+            async for line in ctx.upstream.aiter_lines():
                 if not line.startswith("data: "):
                     continue
                 data = line[6:]
@@ -111,14 +164,14 @@ class OpenAIProxy:
                     status = 200
                     break
                 if first:
-                    self.metrics.ttft.labels(model).observe(time.perf_counter() - started)
+                    metrics.ttft.labels(ctx.model).observe(time.perf_counter() - ctx.started)
                     first = False
                 event = json.loads(data)
                 if event.get("usage"):
                     usage = event["usage"]
-                    if not wants_usage and not event.get("choices"):
+                    if not ctx.wants_usage and not event.get("choices"):
                         continue  # the usage-only chunk the gateway asked for on its own account
-                    if not wants_usage:
+                    if not ctx.wants_usage:
                         event["usage"] = None
                         data = json.dumps(event)
                 yield f"data: {data}\n\n".encode()
@@ -126,14 +179,22 @@ class OpenAIProxy:
                 status = 502
                 yield APIError(502, "stream interrupted: the engine closed it early", code="upstream_closed").sse()
         except httpx.HTTPError as exc:
-            err = self._upstream_error(backend, exc)
+            err = self.proxy._upstream_error(ctx.backend, exc)
             status = err.status
             yield APIError(err.status, f"stream interrupted: {err.message}", code=err.code).sse()
         except ValueError:
             status = 502
             yield APIError(502, "the engine sent a malformed stream event", code="upstream_malformed").sse()
         finally:
-            self.metrics.in_flight.labels(model).dec()
-            await upstream.aclose()
-            self._record(model, endpoint, status, started, usage)
+            await self.close(status, usage)
         yield DONE
+
+    async def close(self, status: int = 499, usage: Optional[dict] = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        ctx = self.ctx
+        self.proxy.metrics.in_flight.labels(ctx.model).dec()
+        self.proxy._record(ctx.model, ctx.endpoint, status, ctx.started, usage, ctx.key)
+        await ctx.backend.admission.release()
+        await ctx.upstream.aclose()

@@ -113,7 +113,7 @@ def test_metrics_count_requests_and_merge_engine_metrics(gateway):
     gateway.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 3})
     gateway.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
     text = gateway.get("/metrics").text
-    assert 'qserve_requests_total{endpoint="/v1/completions",model="fake",status="200"} 1.0' in text
+    assert 'qserve_requests_total{endpoint="/v1/completions",key="-",model="fake",status="200"} 1.0' in text
     assert 'qserve_completion_tokens_total{model="fake"} 3.0' in text
     assert 'vllm:prompt_tokens_total{backend="fake",model_name="fake"} 42.0' in text
     assert "qserve_upstream_errors_total" in text

