@@ -3,6 +3,7 @@
 #   docker run --gpus all -p 8000:8000 -v /path/to/checkpoint:/model qserve
 # Extra arguments after the image name replace the default command, e.g.
 #   docker run ... qserve serve /model --host 0.0.0.0 --tensor-parallel-size 2
+# Keys: -v $PWD/keys.yaml:/keys.yaml ... qserve serve /model --host 0.0.0.0 --api-keys /keys.yaml
 FROM vllm/vllm-openai:v0.11.0
 
 WORKDIR /opt/qserve
@@ -12,6 +13,7 @@ COPY quantize ./quantize
 COPY exporters ./exporters
 COPY serving ./serving
 COPY loadtest ./loadtest
+COPY accuracy ./accuracy
 # vLLM, torch and transformers come with the base image; this adds qserve and its small dependencies.
 RUN pip install --no-cache-dir .
 

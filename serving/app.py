@@ -41,8 +41,10 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-            app.state.proxy = OpenAIProxy(pool, GatewayMetrics(), client, settings.keys)
-            starter: Optional[asyncio.Task] = asyncio.create_task(pool.start(settings.on_fatal, settings.log))
+            metrics = GatewayMetrics()
+            app.state.proxy = OpenAIProxy(pool, metrics, client, settings.keys)
+            starter: Optional[asyncio.Task] = asyncio.create_task(
+                pool.start(settings.on_fatal, settings.log, lambda model: metrics.restarts.labels(model).inc()))
             try:
                 yield
             finally:

@@ -19,7 +19,7 @@ class Backend:
     model: str
     url: str
     engine: Optional[VLLMEngine] = None
-    state: str = "starting"  # starting | ready | failed
+    state: str = "starting"  # starting | ready | restarting | failed
     error: Optional[str] = None
     created: int = field(default_factory=lambda: int(time.time()))
     max_model_len: Optional[int] = None
@@ -40,6 +40,7 @@ class BackendPool:
 
     def __init__(self, backends: list[Backend], limits: AdmissionLimits = AdmissionLimits()) -> None:
         self.backends = {b.model: b for b in backends}
+        self.stopping = False
         for b in backends:
             b.admission = Admission(b.model, limits)
 
@@ -51,6 +52,9 @@ class BackendPool:
         if backend.state == "starting":
             raise APIError(503, f"model {model!r} is still starting; retry shortly", code="backend_starting",
                            headers={"Retry-After": "5"})
+        if backend.state == "restarting":
+            raise APIError(503, f"model {model!r} is restarting: {backend.error}; retry shortly",
+                           code="backend_restarting", headers={"Retry-After": "10"})
         if backend.state == "failed":
             raise APIError(503, f"model {model!r} is unavailable: {backend.error}", code="backend_failed")
         return backend
@@ -59,8 +63,10 @@ class BackendPool:
     def ready(self) -> bool:
         return all(b.state == "ready" for b in self.backends.values())
 
-    async def start(self, on_fatal: Callable[[str], None], log: Callable[[str], None] = print) -> None:
-        """Starts every launched engine and waits for health; ``on_fatal`` is called if one cannot start."""
+    async def start(self, on_fatal: Callable[[str], None], log: Callable[[str], None] = print,
+                    on_restart: Callable[[str], None] = lambda model: None) -> None:
+        """Starts every launched engine and waits for health (``on_fatal`` is called if one cannot start),
+        then watches them: an engine that dies is restarted, with backoff, until the pool stops."""
         launched = [b for b in self.backends.values() if b.engine is not None]
         for b in launched:
             log(f"starting vLLM for {b.model!r} on {b.url} (log: {b.engine.config.log_path})")
@@ -78,8 +84,35 @@ class BackendPool:
             else:
                 b.state = "ready"
                 log(f"vLLM for {b.model!r} ready after {result:.0f} s")
+        await asyncio.gather(*(self._watch(b, log, on_restart) for b in launched if b.state == "ready"))
+
+    async def _watch(self, b: Backend, log: Callable[[str], None], on_restart: Callable[[str], None],
+                     interval_s: float = 1.0, max_backoff_s: float = 60.0) -> None:
+        """Restarts ``b``'s engine whenever its process has exited: 1 s, then twice as long after each
+        failed start, up to ``max_backoff_s``; requests meanwhile get 503 with ``Retry-After``."""
+        backoff = 1.0
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.stopping or b.engine.alive():
+                continue
+            code = b.engine.process.returncode if b.engine.process else None
+            b.state, b.error = "restarting", f"its engine exited (code {code})"
+            on_restart(b.model)
+            log(f"vLLM for {b.model!r} exited (code {code}); restarting in {backoff:.0f} s")
+            await asyncio.sleep(backoff)
+            try:
+                b.engine.stop()
+                b.engine.start()
+                waited = await b.engine.wait_ready()
+            except EngineStartError as exc:
+                b.error = f"its engine failed to restart: {str(exc).splitlines()[0]}"
+                backoff = min(backoff * 2, max_backoff_s)
+                continue
+            b.state, b.error, backoff = "ready", None, 1.0
+            log(f"vLLM for {b.model!r} restarted, ready after {waited:.0f} s")
 
     def stop(self) -> None:
+        self.stopping = True
         for b in self.backends.values():
             if b.engine is not None:
                 b.engine.stop()

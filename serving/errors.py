@@ -46,6 +46,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
     return (f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")), param
 
 
+_GENERATION = ("/v1/completions", "/v1/chat/completions")
+
+
+def _count(request: Request, status: int) -> None:
+    """Counts a request refused before the proxy saw it (bad body, unknown route, internal error)."""
+    proxy = getattr(request.app.state, "proxy", None)
+    if proxy is not None:
+        endpoint = request.url.path if request.url.path in _GENERATION else "other"
+        proxy.metrics.requests.labels("unknown", endpoint, str(status), "-").inc()
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Routes every exception the app can raise into the envelope."""
 
@@ -54,14 +65,17 @@ def install_error_handlers(app: FastAPI) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        _count(request, 400)
         message, param = _validation_message(exc)
         return APIError(400, message, param=param, code="invalid_value").response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        _count(request, exc.status_code)
         return APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        _count(request, 500)
         return APIError(500, f"internal error: {type(exc).__name__}").response()

@@ -23,6 +23,8 @@ class GatewayMetrics:
         self.queued = Gauge("qserve_requests_queued", "Requests waiting for a backend slot", ["model"], registry=r)
         self.prompt_tokens = Counter("qserve_prompt_tokens", "Prompt tokens", ["model"], registry=r)
         self.completion_tokens = Counter("qserve_completion_tokens", "Completion tokens", ["model"], registry=r)
+        self.restarts = Counter("qserve_backend_restarts", "Engines restarted after they died", ["backend"],
+                                registry=r)
         self.upstream_errors = Counter("qserve_upstream_errors", "Failures talking to an engine",
                                        ["backend", "kind"], registry=r)
 

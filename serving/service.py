@@ -35,6 +35,8 @@ class OpenAIProxy:
     def _record(self, model: str, endpoint: str, status: int, started: float, usage: Optional[dict],
                 key: Optional[APIKey] = None) -> None:
         m = self.metrics
+        if model not in self.pool.backends:
+            model = "unknown"  # a client's made-up names must not become label values without bound
         m.requests.labels(model, endpoint, str(status), key.id if key else "-").inc()
         m.latency.labels(model, endpoint).observe(time.perf_counter() - started)
         if usage:

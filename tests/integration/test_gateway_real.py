@@ -114,3 +114,43 @@ def test_a_client_that_disconnects_aborts_its_request_at_the_engine(keyed_gatewa
         time.sleep(0.5)
     assert _running(engine) == 0  # 2,000 tokens would take over a minute here: the engine aborted it
     assert _post(keyed_gateway, "k-ci", max_tokens=1).status_code == 200  # and the slot came back
+
+
+@pytest.fixture(scope="module")
+def supervised_gateway(w8a8_model, tmp_path_factory):
+    """A gateway of its own (its engine gets killed)."""
+    from tests.integration.conftest import start_gateway
+
+    gateway = start_gateway(w8a8_model, "victim", tmp_path_factory)
+    yield gateway
+    gateway.stop()
+
+
+def test_an_engine_killed_mid_stream_is_restarted(supervised_gateway):
+    import json
+    import os
+    import signal
+
+    from tests.conftest import processes
+
+    port = engine_url(supervised_gateway).rsplit(":", 1)[1]
+    server = next(pid for pid, _, cmd in processes()
+                  if "vllm.entrypoints.openai.api_server" in cmd and f"--port {port}" in cmd)
+    payload = {"model": "victim", "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    events: list[str] = []
+    with httpx.stream("POST", f"{supervised_gateway.url}/v1/completions", json=payload, timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 3:
+                    os.kill(server, signal.SIGKILL)
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "upstream_error"
+    refused = _post(supervised_gateway.url, None, model="victim")
+    assert refused.status_code in (502, 503)  # before the watcher noticed (502), or while restarting (503)
+    deadline = time.monotonic() + 600
+    while httpx.get(f"{supervised_gateway.url}/ready", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the engine was not restarted"
+        time.sleep(2)
+    assert _post(supervised_gateway.url, None, model="victim").status_code == 200
+    metrics = httpx.get(f"{supervised_gateway.url}/metrics", timeout=10).text
+    assert 'qserve_backend_restarts_total{backend="victim"} 1.0' in metrics

@@ -112,7 +112,11 @@ def test_stream_cut_by_the_engine_ends_with_an_error_event_then_done(gateway):
 def test_metrics_count_requests_and_merge_engine_metrics(gateway):
     gateway.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 3})
     gateway.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
+    gateway.post("/v1/completions", json={"model": "fake"})
     text = gateway.get("/metrics").text
+    # made-up model names are not label values; a body that does not validate is counted too
+    assert 'qserve_requests_total{endpoint="/v1/completions",key="-",model="unknown",status="404"} 1.0' in text
+    assert 'qserve_requests_total{endpoint="/v1/completions",key="-",model="unknown",status="400"} 1.0' in text
     assert 'qserve_requests_total{endpoint="/v1/completions",key="-",model="fake",status="200"} 1.0' in text
     assert 'qserve_completion_tokens_total{model="fake"} 3.0' in text
     assert 'vllm:prompt_tokens_total{backend="fake",model_name="fake"} 42.0' in text

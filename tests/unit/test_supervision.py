@@ -1,0 +1,70 @@
+"""The pool restarts an engine that died, with backoff, and answers 503 + Retry-After meanwhile."""
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from serving.backends import Backend, BackendPool
+from serving.engine import EngineStartError
+from serving.errors import APIError
+
+
+class FakeEngine:
+    """Stands in for ``VLLMEngine``: dies on demand; its next ``fail_starts`` starts fail."""
+
+    def __init__(self, fail_starts: int = 0) -> None:
+        self.running, self.starts, self.fail_starts = False, 0, fail_starts
+        self.process = None
+        self.config = SimpleNamespace(log_path=Path("/dev/null"))
+
+    def start(self) -> None:
+        self.starts += 1
+        if self.starts > 1 and self.fail_starts:
+            self.fail_starts -= 1
+            raise EngineStartError("port in use\nlog tail")
+        self.running = True
+
+    def alive(self) -> bool:
+        return self.running
+
+    async def wait_ready(self) -> float:
+        return 0.0
+
+    def stop(self) -> None:
+        self.running = False
+
+
+async def _scenario(engine: FakeEngine) -> tuple[list[str], list[str]]:
+    backend = Backend(model="m", url="http://127.0.0.1:9", engine=engine)
+    pool, restarts, states = BackendPool([backend]), [], []
+    task = asyncio.create_task(pool.start(lambda m: None, lambda m: None, restarts.append))
+    await asyncio.sleep(0.2)
+    states.append(backend.state)
+    engine.running = False  # the engine dies
+    await asyncio.sleep(1.3)
+    states.append(backend.state)
+    with pytest.raises(APIError) as refused:
+        pool.get("m")
+    assert refused.value.status == 503 and refused.value.headers["Retry-After"] == "10"
+    for _ in range(80):
+        await asyncio.sleep(0.1)
+        if backend.state == "ready":
+            break
+    states.append(backend.state)
+    task.cancel()
+    pool.stop()
+    return states, restarts
+
+
+def test_a_dead_engine_is_restarted():
+    engine = FakeEngine()
+    states, restarts = asyncio.run(_scenario(engine))
+    assert states == ["ready", "restarting", "ready"] and restarts == ["m"] and engine.starts == 2
+
+
+def test_failed_restarts_back_off_and_retry():
+    engine = FakeEngine(fail_starts=1)  # first restart fails: retried after 2 s instead of 1 s
+    states, _ = asyncio.run(_scenario(engine))
+    assert states[-1] == "ready" and engine.starts == 3
