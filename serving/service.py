@@ -126,6 +126,19 @@ class OpenAIProxy:
         return RelayStream(self, StreamContext(backend, endpoint, request.model, upstream, started, wants_usage, key))
 
 
+async def _sse_data(upstream: httpx.Response) -> AsyncIterator[bytes]:
+    """The ``data:`` payloads of an SSE byte stream, split on blank lines without decoding to text
+    (the relay's hot path: about one event per generated token)."""
+    buffer = b""
+    async for piece in upstream.aiter_raw():
+        buffer += piece.replace(b"\r\n", b"\n")
+        while (end := buffer.find(b"\n\n")) >= 0:
+            event, buffer = buffer[:end], buffer[end + 2:]
+            for line in event.split(b"\n"):
+                if line.startswith(b"data: "):
+                    yield line[6:]
+
+
 @dataclass
 class StreamContext:
     """One relayed stream: where it goes and what it is counted against."""
@@ -158,25 +171,23 @@ class RelayStream:
         ctx, metrics = self.ctx, self.proxy.metrics
         usage, status, first = None, 499, True  # 499 (client closed request) until the stream ends otherwise
         try:
-            async for line in ctx.upstream.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data.strip() == "[DONE]":
+            async for data in _sse_data(ctx.upstream):
+                if data.strip() == b"[DONE]":
                     status = 200
                     break
                 if first:
                     metrics.ttft.labels(ctx.model).observe(time.perf_counter() - ctx.started)
                     first = False
-                event = json.loads(data)
-                if event.get("usage"):
-                    usage = event["usage"]
-                    if not ctx.wants_usage and not event.get("choices"):
-                        continue  # the usage-only chunk the gateway asked for on its own account
-                    if not ctx.wants_usage:
-                        event["usage"] = None
-                        data = json.dumps(event)
-                yield f"data: {data}\n\n".encode()
+                if b'"usage"' in data:  # only these events are parsed: the rest pass through as bytes
+                    event = json.loads(data)
+                    if event.get("usage"):
+                        usage = event["usage"]
+                        if not ctx.wants_usage and not event.get("choices"):
+                            continue  # the usage-only chunk the gateway asked for on its own account
+                        if not ctx.wants_usage:
+                            event["usage"] = None
+                            data = json.dumps(event).encode()
+                yield b"data: " + data + b"\n\n"
             if status != 200:  # the engine closed the stream without its [DONE]
                 status = 502
                 yield APIError(502, "stream interrupted: the engine closed it early", code="upstream_closed").sse()

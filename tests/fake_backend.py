@@ -49,6 +49,15 @@ def make_fake_engine() -> FastAPI:
                     "choices": [{"index": 0, "text": " tok" * n, "finish_reason": "length"}]}
 
         async def events():
+            if prompt == "GARBLED":
+                yield _chunk(0, " tok")
+                yield 'data: {"usage": {broken\n\n'
+                return
+            if prompt == "CRLF":  # servers that end lines with CRLF
+                for i in range(n):
+                    yield _chunk(i, " tok").replace("\n", "\r\n")
+                yield "data: [DONE]\r\n\r\n"
+                return
             for i in range(n):
                 if prompt == "CRASH" and i == 2:
                     return  # the engine dies mid-stream: no [DONE]

@@ -109,6 +109,16 @@ def test_stream_cut_by_the_engine_ends_with_an_error_event_then_done(gateway):
     assert "interrupted" in error["error"]["message"]
 
 
+def test_crlf_streams_pass_and_garbled_events_end_in_an_error_event(gateway):
+    payload = {"model": "fake", "prompt": "CRLF", "max_tokens": 3, "stream": True}
+    with gateway.stream("POST", "/v1/completions", json=payload) as resp:
+        events = _events(resp)
+    assert events[-1] == "[DONE]" and [json.loads(e)["choices"][0]["text"] for e in events[:-1]] == [" tok"] * 3
+    with gateway.stream("POST", "/v1/completions", json={**payload, "prompt": "GARBLED"}) as resp:
+        events = _events(resp)
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "upstream_malformed"
+
+
 def test_metrics_count_requests_and_merge_engine_metrics(gateway):
     gateway.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 3})
     gateway.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
