@@ -7,7 +7,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Optional
 
-import httpx
+import aiohttp
 from fastapi import FastAPI
 
 from serving.admission import AdmissionLimits
@@ -38,9 +38,11 @@ def build_app(settings: GatewaySettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        # sock_read bounds each wait for the engine's next bytes (a stream may last longer than that)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
+                                        sock_read=settings.request_timeout_s)
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
             metrics = GatewayMetrics()
             app.state.proxy = OpenAIProxy(pool, metrics, client, settings.keys)
             starter: Optional[asyncio.Task] = asyncio.create_task(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import aiohttp
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
@@ -70,9 +71,9 @@ async def metrics(request: Request) -> Response:
         if backend.state != "ready":
             continue
         try:
-            resp = await proxy.client.get(f"{backend.url}/metrics", timeout=5.0)
-            if resp.status_code == 200:
-                parts.append(label_exposition(resp.text, backend.model, seen))
+            async with proxy.client.get(f"{backend.url}/metrics", timeout=aiohttp.ClientTimeout(total=5.0)) as resp:
+                if resp.status == 200:
+                    parts.append(label_exposition(await resp.text(), backend.model, seen))
         except Exception:  # noqa: BLE001 - a missing engine scrape must not break the gateway's own
             proxy.metrics.upstream_errors.labels(backend.model, "metrics").inc()
     return Response("".join(parts), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
-import httpx
+import aiohttp
 
 from serving.backends import Backend, BackendPool
 from serving.errors import APIError
@@ -16,12 +17,13 @@ from serving.metrics import GatewayMetrics
 from serving.protocol import ModelCard, ModelList, _GenerationRequest
 
 DONE = b"data: [DONE]\n\n"
+UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 class OpenAIProxy:
     """Forwards validated requests to the backend serving their model and records metrics."""
 
-    def __init__(self, pool: BackendPool, metrics: GatewayMetrics, client: httpx.AsyncClient,
+    def __init__(self, pool: BackendPool, metrics: GatewayMetrics, client: aiohttp.ClientSession,
                  keys: Optional[KeyRing] = None) -> None:
         self.pool = pool
         self.metrics = metrics
@@ -59,8 +61,8 @@ class OpenAIProxy:
             raise
         return key, backend
 
-    def _upstream_error(self, backend: Backend, exc: httpx.HTTPError) -> APIError:
-        if isinstance(exc, httpx.TimeoutException):
+    def _upstream_error(self, backend: Backend, exc: BaseException) -> APIError:
+        if isinstance(exc, asyncio.TimeoutError):
             self.metrics.upstream_errors.labels(backend.model, "timeout").inc()
             return APIError(504, f"model {backend.model!r} did not answer in time", code="upstream_timeout")
         self.metrics.upstream_errors.labels(backend.model, "connection").inc()
@@ -86,18 +88,19 @@ class OpenAIProxy:
         key, backend = await self._admit(endpoint, request, authorization, started)
         self.metrics.in_flight.labels(request.model).inc()
         try:
-            resp = await self.client.post(f"{backend.url}{endpoint}", json=request.model_dump(exclude_none=True))
-        except httpx.HTTPError as exc:
+            async with self.client.post(f"{backend.url}{endpoint}", json=request.model_dump(exclude_none=True)) as resp:
+                status, content = resp.status, await resp.read()
+        except UPSTREAM_ERRORS as exc:
             err = self._upstream_error(backend, exc)
             self._record(request.model, endpoint, err.status, started, None, key)
             raise err from None
         finally:
             self.metrics.in_flight.labels(request.model).dec()
             await backend.admission.release()
-        if resp.status_code != 200:
-            self._record(request.model, endpoint, resp.status_code, started, None, key)
-            raise self._relay_error(resp.status_code, resp.content)
-        body = resp.json()
+        if status != 200:
+            self._record(request.model, endpoint, status, started, None, key)
+            raise self._relay_error(status, content)
+        body = json.loads(content)
         self._record(request.model, endpoint, 200, started, body.get("usage"), key)
         return body
 
@@ -110,27 +113,26 @@ class OpenAIProxy:
         payload = request.model_dump(exclude_none=True)
         payload["stream_options"] = {**payload.get("stream_options", {}), "include_usage": True}
         try:
-            upstream = await self.client.send(
-                self.client.build_request("POST", f"{backend.url}{endpoint}", json=payload), stream=True)
-        except httpx.HTTPError as exc:
+            upstream = await self.client.post(f"{backend.url}{endpoint}", json=payload)
+        except UPSTREAM_ERRORS as exc:
             await backend.admission.release()
             err = self._upstream_error(backend, exc)
             self._record(request.model, endpoint, err.status, started, None, key)
             raise err from None
-        if upstream.status_code != 200:
-            content = await upstream.aread()
-            await upstream.aclose()
+        if upstream.status != 200:
+            content = await upstream.read()
+            upstream.release()
             await backend.admission.release()
-            self._record(request.model, endpoint, upstream.status_code, started, None, key)
-            raise self._relay_error(upstream.status_code, content)
+            self._record(request.model, endpoint, upstream.status, started, None, key)
+            raise self._relay_error(upstream.status, content)
         return RelayStream(self, StreamContext(backend, endpoint, request.model, upstream, started, wants_usage, key))
 
 
-async def _sse_data(upstream: httpx.Response) -> AsyncIterator[bytes]:
+async def _sse_data(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     """The ``data:`` payloads of an SSE byte stream, split on blank lines without decoding to text
     (the relay's hot path: about one event per generated token)."""
     buffer = b""
-    async for piece in upstream.aiter_raw():
+    async for piece in upstream.content.iter_any():
         buffer += piece.replace(b"\r\n", b"\n")
         while (end := buffer.find(b"\n\n")) >= 0:
             event, buffer = buffer[:end], buffer[end + 2:]
@@ -146,7 +148,7 @@ class StreamContext:
     backend: Backend
     endpoint: str
     model: str
-    upstream: httpx.Response
+    upstream: aiohttp.ClientResponse
     started: float
     wants_usage: bool
     key: Optional[APIKey]
@@ -191,7 +193,7 @@ class RelayStream:
             if status != 200:  # the engine closed the stream without its [DONE]
                 status = 502
                 yield APIError(502, "stream interrupted: the engine closed it early", code="upstream_closed").sse()
-        except httpx.HTTPError as exc:
+        except UPSTREAM_ERRORS as exc:
             err = self.proxy._upstream_error(ctx.backend, exc)
             status = err.status
             yield APIError(err.status, f"stream interrupted: {err.message}", code=err.code).sse()
@@ -210,4 +212,7 @@ class RelayStream:
         self.proxy.metrics.in_flight.labels(ctx.model).dec()
         self.proxy._record(ctx.model, ctx.endpoint, status, ctx.started, usage, ctx.key)
         await ctx.backend.admission.release()
-        await ctx.upstream.aclose()
+        if status == 200:
+            ctx.upstream.release()  # the engine finished: its connection goes back to the pool
+        else:
+            ctx.upstream.close()  # closing the connection is how vLLM learns to abort the request
