@@ -1,4 +1,9 @@
-"""Backends the gateway routes to, by the request's ``model``: engines it launched or external URLs."""
+"""Backends the gateway routes to, by the request's ``model``: engines it launched or external URLs.
+
+A model has one or more replicas; a request goes to the ready replica with the fewest outstanding
+requests (in flight plus queued), and a connection that fails before the first byte is retried on
+another replica by the service.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +19,12 @@ from serving.errors import APIError
 
 @dataclass
 class Backend:
-    """One model endpoint. ``engine`` is set when the gateway launched it, ``None`` for an external URL."""
+    """One replica of a model. ``engine`` is set when the gateway launched it, ``None`` for an external URL;
+    ``name`` labels it in logs and metrics (the model's name when it is the only replica)."""
 
     model: str
     url: str
+    name: str = ""
     engine: Optional[VLLMEngine] = None
     state: str = "starting"  # starting | ready | restarting | failed
     error: Optional[str] = None
@@ -25,51 +32,77 @@ class Backend:
     max_model_len: Optional[int] = None
     admission: Admission = field(default=None)  # type: ignore[assignment]  # set by the pool
 
-    @classmethod
-    def launched(cls, config: EngineConfig) -> "Backend":
-        engine = VLLMEngine(config)
-        return cls(model=config.served_name, url=engine.url, engine=engine, max_model_len=config.max_model_len)
+    def __post_init__(self) -> None:
+        self.name = self.name or self.model
 
     @classmethod
-    def external(cls, model: str, url: str) -> "Backend":
-        return cls(model=model, url=url.rstrip("/"), state="ready")
+    def launched(cls, config: EngineConfig, name: str = "") -> "Backend":
+        engine = VLLMEngine(config)
+        return cls(model=config.served_name, url=engine.url, name=name, engine=engine,
+                   max_model_len=config.max_model_len)
+
+    @classmethod
+    def external(cls, model: str, url: str, name: str = "", max_model_len: Optional[int] = None) -> "Backend":
+        return cls(model=model, url=url.rstrip("/"), name=name, state="ready", max_model_len=max_model_len)
+
+    @property
+    def outstanding(self) -> int:
+        return self.admission.in_flight + self.admission.queued
 
 
 class BackendPool:
-    """Looks backends up by model name and starts/stops the launched ones."""
+    """Finds a replica for a model name; starts, watches and stops the launched ones."""
 
     def __init__(self, backends: list[Backend], limits: AdmissionLimits = AdmissionLimits()) -> None:
-        self.backends = {b.model: b for b in backends}
-        self.stopping = False
+        names = [b.name for b in backends]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"backend names must be unique; repeated: {', '.join(duplicates)}")
+        self.backends = backends
+        self.replicas: dict[str, list[Backend]] = {}
         for b in backends:
+            self.replicas.setdefault(b.model, []).append(b)
             b.admission = Admission(b.model, limits)
+        self.stopping = False
 
-    def get(self, model: str) -> Backend:
-        backend = self.backends.get(model)
-        if backend is None:
-            raise APIError(404, f"model {model!r} does not exist; available: {', '.join(self.backends)}",
+    def get(self, model: str, exclude: tuple[Backend, ...] = ()) -> Backend:
+        """The ready replica of ``model`` with the fewest outstanding requests, ``exclude`` left out;
+        404 for a model not served, 503 (with why) when no replica is ready."""
+        replicas = self.replicas.get(model)
+        if replicas is None:
+            raise APIError(404, f"model {model!r} does not exist; available: {', '.join(self.replicas)}",
                            param="model", code="model_not_found")
+        ready = [b for b in replicas if b.state == "ready" and b not in exclude]
+        if ready:
+            return min(ready, key=lambda b: b.outstanding)
+        if exclude:
+            raise APIError(502, f"model {model!r}: no other replica is ready after "
+                                f"{', '.join(b.name for b in exclude)} failed", code="upstream_unreachable")
+        # a replica that will come back (starting, restarting) says more than one that failed for good
+        raise self._unavailable(min(replicas, key=lambda b: b.state == "failed"))
+
+    @staticmethod
+    def _unavailable(backend: Backend) -> APIError:
+        model = backend.model
         if backend.state == "starting":
-            raise APIError(503, f"model {model!r} is still starting; retry shortly", code="backend_starting",
-                           headers={"Retry-After": "5"})
+            return APIError(503, f"model {model!r} is still starting; retry shortly", code="backend_starting",
+                            headers={"Retry-After": "5"})
         if backend.state == "restarting":
-            raise APIError(503, f"model {model!r} is restarting: {backend.error}; retry shortly",
-                           code="backend_restarting", headers={"Retry-After": "10"})
-        if backend.state == "failed":
-            raise APIError(503, f"model {model!r} is unavailable: {backend.error}", code="backend_failed")
-        return backend
+            return APIError(503, f"model {model!r} is restarting: {backend.error}; retry shortly",
+                            code="backend_restarting", headers={"Retry-After": "10"})
+        return APIError(503, f"model {model!r} is unavailable: {backend.error}", code="backend_failed")
 
     @property
     def ready(self) -> bool:
-        return all(b.state == "ready" for b in self.backends.values())
+        return all(b.state == "ready" for b in self.backends)
 
     async def start(self, on_fatal: Callable[[str], None], log: Callable[[str], None] = print,
                     on_restart: Callable[[str], None] = lambda model: None) -> None:
         """Starts every launched engine and waits for health (``on_fatal`` is called if one cannot start),
         then watches them: an engine that dies is restarted, with backoff, until the pool stops."""
-        launched = [b for b in self.backends.values() if b.engine is not None]
+        launched = [b for b in self.backends if b.engine is not None]
         for b in launched:
-            log(f"starting vLLM for {b.model!r} on {b.url} (log: {b.engine.config.log_path})")
+            log(f"starting vLLM for {b.name!r} on {b.url} (log: {b.engine.config.log_path})")
             try:
                 b.engine.start()
             except EngineStartError as exc:
@@ -83,7 +116,7 @@ class BackendPool:
                 on_fatal(str(result))
             else:
                 b.state = "ready"
-                log(f"vLLM for {b.model!r} ready after {result:.0f} s")
+                log(f"vLLM for {b.name!r} ready after {result:.0f} s")
         await asyncio.gather(*(self._watch(b, log, on_restart) for b in launched if b.state == "ready"))
 
     async def _watch(self, b: Backend, log: Callable[[str], None], on_restart: Callable[[str], None],
@@ -97,8 +130,8 @@ class BackendPool:
                 continue
             code = b.engine.process.returncode if b.engine.process else None
             b.state, b.error = "restarting", f"its engine exited (code {code})"
-            on_restart(b.model)
-            log(f"vLLM for {b.model!r} exited (code {code}); restarting in {backoff:.0f} s")
+            on_restart(b.name)
+            log(f"vLLM for {b.name!r} exited (code {code}); restarting in {backoff:.0f} s")
             await asyncio.sleep(backoff)
             try:
                 b.engine.stop()
@@ -109,10 +142,10 @@ class BackendPool:
                 backoff = min(backoff * 2, max_backoff_s)
                 continue
             b.state, b.error, backoff = "ready", None, 1.0
-            log(f"vLLM for {b.model!r} restarted, ready after {waited:.0f} s")
+            log(f"vLLM for {b.name!r} restarted, ready after {waited:.0f} s")
 
     def stop(self) -> None:
         self.stopping = True
-        for b in self.backends.values():
+        for b in self.backends:
             if b.engine is not None:
                 b.engine.stop()

@@ -22,6 +22,14 @@ class _GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
 
+    def generation_budget(self) -> Optional[int]:
+        """The most tokens the request may generate, where it says."""
+        return getattr(self, "max_tokens", None)
+
+    def prompt_token_lengths(self) -> list[int]:
+        """Lengths of prompts given as token ids (text prompts need the engine's tokenizer: empty)."""
+        return []
+
 
 class CompletionRequest(_GenerationRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]]
@@ -36,6 +44,14 @@ class CompletionRequest(_GenerationRequest):
             raise ValueError("0 generates nothing; it is allowed only with echo: true, to score the prompt")
         return value
 
+    def prompt_token_lengths(self) -> list[int]:
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return [len(prompt)]
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+            return [len(p) for p in prompt]
+        return []
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -47,6 +63,9 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+
+    def generation_budget(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
 
 
 class ModelCard(BaseModel):

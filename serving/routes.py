@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import aiohttp
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, Response
 
 from serving.errors import APIError
 from serving.metrics import label_exposition
 from serving.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
+from serving.relay import RelayResponse
 from serving.service import OpenAIProxy
 
 router = APIRouter()
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 429, 502, 503, 504)}
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _proxy(request: Request) -> OpenAIProxy:
@@ -25,8 +24,7 @@ async def _generate(request: Request, endpoint: str, body: CompletionRequest | C
     proxy, authorization = _proxy(request), request.headers.get("authorization")
     if body.stream:
         stream = await proxy.open_stream(endpoint, body, authorization)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS,
-                                 background=BackgroundTask(stream.close))
+        return RelayResponse(stream)
     return JSONResponse(await proxy.complete(endpoint, body, authorization))
 
 
@@ -54,7 +52,7 @@ async def health() -> dict[str, str]:
 @router.get("/ready")
 async def ready(request: Request) -> dict[str, object]:
     pool = _proxy(request).pool
-    states = {name: b.state for name, b in pool.backends.items()}
+    states = {b.name: b.state for b in pool.backends}
     if not pool.ready:
         raise APIError(503, f"not ready: {states}", code="not_ready", headers={"Retry-After": "5"})
     return {"status": "ready", "backends": states}
@@ -64,16 +62,16 @@ async def ready(request: Request) -> dict[str, object]:
 async def metrics(request: Request) -> Response:
     """The gateway's ``qserve_`` metrics followed by every ready engine's own, labelled by backend."""
     proxy = _proxy(request)
-    for backend in proxy.pool.backends.values():
-        proxy.metrics.queued.labels(backend.model).set(backend.admission.queued)
+    for model, replicas in proxy.pool.replicas.items():
+        proxy.metrics.queued.labels(model).set(sum(b.admission.queued for b in replicas))
     parts, seen = [proxy.metrics.render().decode()], set()
-    for backend in proxy.pool.backends.values():
+    for backend in proxy.pool.backends:
         if backend.state != "ready":
             continue
         try:
             async with proxy.client.get(f"{backend.url}/metrics", timeout=aiohttp.ClientTimeout(total=5.0)) as resp:
                 if resp.status == 200:
-                    parts.append(label_exposition(await resp.text(), backend.model, seen))
+                    parts.append(label_exposition(await resp.text(), backend.name, seen))
         except Exception:  # noqa: BLE001 - a missing engine scrape must not break the gateway's own
-            proxy.metrics.upstream_errors.labels(backend.model, "metrics").inc()
+            proxy.metrics.upstream_errors.labels(backend.name, "metrics").inc()
     return Response("".join(parts), media_type="text/plain; version=0.0.4; charset=utf-8")
