@@ -135,10 +135,15 @@ def inspect(checkpoint: Path = typer.Argument(..., help="Checkpoint directory.")
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @user_errors
 def serve(ctx: typer.Context,
-          model: str = typer.Argument(..., help="Checkpoint directory, hub id, or demo model name."),
+          model: Optional[str] = typer.Argument(None, help="Checkpoint directory, hub id, or demo model name "
+                                                            "(or --config for several models)."),
+          config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                                help="YAML gateway config: models, checkpoints or URLs, replicas, "
+                                                     "engine args, keys, limits. Options given here override it."),
           host: str = typer.Option("127.0.0.1", help="Gateway address."),
           port: int = typer.Option(8000, help="Gateway port."),
           name: Optional[str] = typer.Option(None, help="Model name clients send (default: directory name)."),
+          replicas: int = typer.Option(1, min=1, help="vLLM engines for the checkpoint; requests go to the least busy."),
           max_model_len: int = typer.Option(4096, help="Context length given to vLLM."),
           enforce_eager: Optional[bool] = typer.Option(
               None, "--enforce-eager/--compile",
@@ -146,20 +151,39 @@ def serve(ctx: typer.Context,
           log_dir: Optional[Path] = typer.Option(None, help="Where vLLM's log goes (default $QSERVE_CACHE/logs, i.e. ~/.cache/qserve/logs)."),
           api_keys: Optional[Path] = typer.Option(None, help="YAML/JSON key file (hashed keys, rpm/tpm limits, model "
                                                              "allow-lists); QSERVE_API_KEY adds one key. None: open."),
-          max_in_flight: int = typer.Option(256, help="Requests at once at the engine; more wait in the queue."),
+          max_in_flight: int = typer.Option(256, help="Requests at once per engine; more wait in the queue."),
           max_queue: int = typer.Option(512, help="Requests waiting for a slot; beyond, 429 with Retry-After."),
-          queue_timeout: float = typer.Option(60.0, help="Seconds a request may wait in the queue before a 429.")) -> None:
-    """Serve a checkpoint on vLLM behind the OpenAI-compatible gateway. Extra arguments go to vLLM."""
-    from exporters.models import resolve_model
-    from serving.admission import AdmissionLimits
-    from serving.keys import KeyRing
+          queue_timeout: float = typer.Option(60.0, help="Seconds a request may wait in the queue before a 429."),
+          max_body_mb: float = typer.Option(8.0, help="Largest request body accepted (MiB); larger gets 413.")) -> None:
+    """Serve a checkpoint (or the models of --config) on vLLM behind the OpenAI-compatible gateway.
+    Extra arguments go to vLLM unchanged (e.g. --tensor-parallel-size 2)."""
+    from click.core import ParameterSource
+
+    from serving.config import load_config, validate_config
     from serving.server import serve as run_server
 
-    keys = KeyRing.load(api_keys)  # a bad key file fails before vLLM starts
-    limits = AdmissionLimits(max_in_flight=max_in_flight, max_queue=max_queue, queue_timeout_s=queue_timeout)
-    run_server(resolve_model(model), host=host, port=port, served_name=name, max_model_len=max_model_len,
-               engine_args=tuple(ctx.args), enforce_eager=enforce_eager, log_dir=log_dir, log=typer.echo,
-               keys=keys, admission=limits)
+    given = {p for p in ctx.params if ctx.get_parameter_source(p) == ParameterSource.COMMANDLINE}
+    top = {"host": host, "port": port, "log_dir": log_dir, "api_keys": api_keys,
+           "max_body_bytes": int(max_body_mb * 2**20),
+           "limits": {"max_in_flight": max_in_flight, "max_queue": max_queue, "queue_timeout_s": queue_timeout}}
+    if config is not None:
+        per_model = sorted(given & {"name", "replicas", "max_model_len", "enforce_eager"})
+        if model is not None or ctx.args or per_model:
+            raise typer.BadParameter(f"with --config, the checkpoint, {', '.join(per_model) or 'per-model options'} "
+                                     f"and engine arguments go in the config's models")
+        source = {"max_body_mb": "max_body_bytes", "max_in_flight": "limits", "max_queue": "limits",
+                  "queue_timeout": "limits"}
+        settings = load_config(config, {source.get(p, p): top[source.get(p, p)] for p in given if source.get(p, p) in top})
+    elif model is None:
+        raise typer.BadParameter("give a checkpoint to serve (e.g. `qserve serve smollm2-135m-instruct`) "
+                                 "or --config FILE")
+    else:
+        spec = {"name": name or Path(model).name, "checkpoint": model, "replicas": replicas,
+                "max_model_len": max_model_len, "enforce_eager": enforce_eager, "engine_args": list(ctx.args)}
+        settings = validate_config({**top, "models": [spec]}, "command line")
+    run_server(settings, log=typer.echo)
+
+
 
 
 @app.command("eval")

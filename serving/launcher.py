@@ -19,11 +19,14 @@ from serving.engine import log_tail
 class GatewayProcess:
     """A ``qserve serve`` subprocess with its output in ``log_path``."""
 
-    def __init__(self, model_dir: Path, port: int, name: str, log_path: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, model_dir: Optional[Path], port: int, name: str, log_path: Path, extra: tuple[str, ...] = (),
+                 config: Optional[Path] = None) -> None:
+        """Serves ``model_dir`` as ``name``, or (``model_dir`` None) the models of a gateway ``config``."""
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "qserve", "serve", str(model_dir), "--port", str(port), "--name", name,
+        source = ["--config", str(config)] if config is not None else [str(model_dir), "--name", name]
+        cmd = [sys.executable, "-m", "qserve", "serve", *source, "--port", str(port),
                "--log-dir", str(log_path.parent), *extra]
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

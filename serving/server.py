@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import socket
-import time
-from pathlib import Path
 from typing import Callable, Optional
 
-from exporters.models import cache_root
-from serving.admission import AdmissionLimits
+from exporters.models import cache_root, resolve_model
 from serving.app import GatewaySettings, build_app
-from serving.backends import Backend
-from serving.engine import EngineConfig
+from serving.config import GatewayConfig, build_backends
 from serving.keys import KeyRing
 
 
@@ -41,19 +37,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, served_name: Optional[str] = None,
-          max_model_len: int = 4096, engine_args: tuple[str, ...] = (), enforce_eager: Optional[bool] = None,
-          log_dir: Optional[Path] = None, log: Callable[[str], None] = print, keys: Optional[KeyRing] = None,
-          admission: AdmissionLimits = AdmissionLimits()) -> None:
-    """Runs the gateway on ``host:port`` with one vLLM engine for ``model_dir`` until SIGINT/SIGTERM."""
+def serve(config: GatewayConfig, log: Callable[[str], None] = print) -> None:
+    """Runs the gateway on the config's host and port, with its engines, until SIGINT/SIGTERM."""
     import uvicorn
 
-    sock = bind_socket(host, port)
-    name = served_name or model_dir.name
-    log_dir = log_dir or cache_root() / "logs"
-    engine = EngineConfig(model_dir=model_dir, served_name=name, port=free_port(), max_model_len=max_model_len,
-                          enforce_eager=enforce_eager, extra_args=tuple(engine_args),
-                          log_path=log_dir / f"vllm-{name}-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    keys = KeyRing.load(config.api_keys, inline=config.keys)  # a bad key file fails before vLLM starts
+    backends = build_backends(config, resolve_model, free_port, config.log_dir or cache_root() / "logs")
+    sock = bind_socket(config.host, config.port)
+    launched = sum(b.engine is not None for b in backends)
     fatal: list[str] = []
     server: Optional[uvicorn.Server] = None
 
@@ -64,14 +55,17 @@ def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, served_nam
 
     def on_log(message: str) -> None:
         log(message)
-        if message.startswith("vLLM for") and "ready" in message:
-            log(f"serving {name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)")
+        nonlocal launched
+        if message.startswith("vLLM for") and "ready after" in message:
+            launched -= 1
+            if launched == 0:
+                log(f"serving {', '.join(m.name for m in config.models)} at "
+                    f"http://{config.host}:{config.port}/v1 (Ctrl-C to stop)")
 
-    settings = GatewaySettings(backends=[Backend.launched(engine)], on_fatal=on_fatal, log=on_log,
-                               keys=keys or KeyRing([]), admission=admission)
-    config = uvicorn.Config(build_app(settings), log_level="warning", timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
-    log(f"gateway listening on http://{host}:{port} (ready once vLLM is up: GET /ready)")
+    settings = GatewaySettings(backends=backends, on_fatal=on_fatal, log=on_log, keys=keys,
+                               admission=config.admission, max_body_bytes=config.max_body_bytes)
+    server = uvicorn.Server(uvicorn.Config(build_app(settings), log_level="warning", timeout_graceful_shutdown=10))
+    log(f"gateway listening on http://{config.host}:{config.port} (ready once every engine is up: GET /ready)")
     try:
         server.run(sockets=[sock])
     finally:

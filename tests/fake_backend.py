@@ -59,6 +59,8 @@ def make_fake_engine() -> FastAPI:
                 yield "data: [DONE]\r\n\r\n"
                 return
             for i in range(n):
+                if prompt == "DRIP":  # tokens paced like an engine's, so that requests overlap
+                    await asyncio.sleep(0.02)
                 if prompt == "CRASH" and i == 2:
                     return  # the engine dies mid-stream: no [DONE]
                 yield _chunk(i, " tok")

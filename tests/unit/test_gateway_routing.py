@@ -1,0 +1,154 @@
+"""Replicas, retries, the body limit, the context check and the gateway config, on in-process fake engines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.app import GatewaySettings, build_app
+from serving.backends import Backend
+from serving.config import ConfigError, build_backends, load_config, validate_config
+from tests.fake_backend import make_fake_engine, running_app
+
+DEAD = "http://127.0.0.1:9"
+
+
+@contextlib.contextmanager
+def counting_engine():
+    """A fake engine that counts the generation requests it receives; yields (url, counts)."""
+    app, counts = make_fake_engine(), {"posts": 0}
+
+    @app.middleware("http")
+    async def count(request, call_next):
+        counts["posts"] += request.method == "POST"
+        return await call_next(request)
+
+    with running_app(app) as url:
+        yield url, counts
+
+
+def _gateway(backends: list[Backend], **settings) -> TestClient:
+    return TestClient(build_app(GatewaySettings(backends=backends, log=lambda m: None, **settings)))
+
+
+def test_concurrent_requests_spread_over_replicas_by_outstanding_count():
+    with counting_engine() as (url_a, a), counting_engine() as (url_b, b):
+        app = build_app(GatewaySettings(backends=[Backend.external("m", url_a, name="m-0"),
+                                                  Backend.external("m", url_b, name="m-1")], log=lambda m: None))
+        with running_app(app) as gateway:
+            async def streams() -> list[int]:
+                async with httpx.AsyncClient(timeout=30) as client:
+                    async def one() -> int:
+                        body = {"model": "m", "prompt": "DRIP", "max_tokens": 10, "stream": True}
+                        async with client.stream("POST", f"{gateway}/v1/completions", json=body) as resp:
+                            await resp.aread()
+                            return resp.status_code
+                    return list(await asyncio.gather(*(one() for _ in range(6))))
+
+            assert asyncio.run(streams()) == [200] * 6
+    assert a["posts"] == b["posts"] == 3
+
+
+def test_a_refused_connection_is_retried_on_another_replica():
+    with counting_engine() as (url, counts):
+        with _gateway([Backend.external("m", DEAD, name="m-0"), Backend.external("m", url, name="m-1")]) as client:
+            for stream in (False, True, False):
+                resp = client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2,
+                                                            "stream": stream})
+                assert resp.status_code == 200
+            metrics = client.get("/metrics").text
+    assert counts["posts"] == 3
+    assert 'qserve_upstream_errors_total{backend="m-0",kind="connection"} 3.0' in metrics
+    assert 'qserve_requests_total{endpoint="/v1/completions",key="-",model="m",status="200"} 3.0' in metrics
+
+
+def test_no_replica_answering_is_a_502_in_the_envelope():
+    with _gateway([Backend.external("m", DEAD, name="m-0"), Backend.external("m", DEAD.replace(":9", ":7"),
+                                                                              name="m-1")]) as client:
+        resp = client.post("/v1/completions", json={"model": "m", "prompt": "hi", "stream": True})
+    assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_unreachable"
+    assert "m" in resp.json()["error"]["message"]
+
+
+def test_bodies_over_the_limit_get_413_whether_declared_or_chunked():
+    with counting_engine() as (url, counts), _gateway([Backend.external("m", url)], max_body_bytes=2048) as client:
+        big = {"model": "m", "prompt": "x" * 4000}
+        declared = client.post("/v1/completions", json=big)
+        chunked = client.post("/v1/completions", content=iter([b'{"model": "m", "prompt": "', b"x" * 4000, b'"}']),
+                              headers={"content-type": "application/json"})
+        small = client.post("/v1/completions", json={"model": "m", "prompt": "x" * 100, "max_tokens": 1})
+        metrics = client.get("/metrics").text
+    for resp in (declared, chunked):
+        assert resp.status_code == 413, resp.text
+        assert resp.json()["error"]["code"] == "body_too_large" and "2,048 bytes" in resp.json()["error"]["message"]
+    assert small.status_code == 200 and counts["posts"] == 1
+    assert 'status="413"} 2.0' in metrics
+
+
+def test_what_cannot_fit_the_context_is_refused_before_the_engine():
+    with counting_engine() as (url, counts), _gateway([Backend.external("m", url, max_model_len=64)]) as client:
+        too_many = client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 64})
+        long_ids = client.post("/v1/completions", json={"model": "m", "prompt": list(range(60)), "max_tokens": 10})
+        chat = client.post("/v1/chat/completions", json={"model": "m", "max_completion_tokens": 100,
+                                                         "messages": [{"role": "user", "content": "hi"}]})
+        fits = client.post("/v1/completions", json={"model": "m", "prompt": list(range(60)), "max_tokens": 4})
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "max_tokens"
+    assert long_ids.status_code == 400 and "60 tokens" in long_ids.json()["error"]["message"]
+    assert chat.status_code == 400 and chat.json()["error"]["code"] == "context_length_exceeded"
+    assert fits.status_code == 200 and counts["posts"] == 1
+
+
+def test_config_file_describes_models_replicas_and_urls(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "gw.yaml").write_text(
+        "port: 9001\nlimits: {max_in_flight: 8, max_queue: 4}\n"
+        "keys: [{id: ci, key: secret, rpm: 10}]\n"
+        "models:\n"
+        "  - {name: a, checkpoint: ckpt, replicas: 2, max_model_len: 1024, engine_args: [--dtype, bfloat16],"
+        " env: {CUDA_VISIBLE_DEVICES: '0'}}\n"
+        "  - {name: b, urls: ['http://h1:8000/', 'http://h2:8000']}\n")
+    config = load_config(tmp_path / "gw.yaml", {"port": 9002})
+    assert config.port == 9002 and config.admission.max_in_flight == 8 and config.admission.max_queue == 4
+    ports = iter(range(5000, 5100))
+    backends = build_backends(config, Path, lambda: next(ports), tmp_path / "logs")
+    assert [(b.model, b.name) for b in backends] == [("a", "a-0"), ("a", "a-1"), ("b", "b-0"), ("b", "b-1")]
+    first = backends[0].engine.config
+    assert first.model_dir == tmp_path / "ckpt" and first.port == 5000 and backends[1].engine.config.port == 5001
+    assert first.command()[-2:] == ["--dtype", "bfloat16"] and dict(first.env) == {"CUDA_VISIBLE_DEVICES": "0"}
+    assert first.max_model_len == 1024 and backends[2].url == "http://h1:8000" and backends[2].engine is None
+
+
+@pytest.mark.parametrize("models, expected", [
+    ([{"name": "a", "checkpoint": "x", "urls": ["http://h:1"]}], "either 'checkpoint'"),
+    ([{"name": "a"}], "either 'checkpoint'"),
+    ([{"name": "a", "urls": ["http://h:1"], "replicas": 2}], "each URL is a replica"),
+    ([{"name": "a", "urls": ["h:1"]}], "http://"),
+    ([{"name": "a", "checkpoint": "x", "replica": 2}], "models.0.replica"),
+    ([{"name": "a", "checkpoint": "x"}, {"name": "a", "checkpoint": "y"}], "repeated: a"),
+    ([], "models"),
+])
+def test_bad_configs_name_the_field_and_the_fix(models, expected):
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("(", r"\(")):
+        validate_config({"models": models}, "gw.yaml")
+
+
+def test_serve_command_line_errors_are_one_line(tmp_path):
+    bad = tmp_path / "gw.yaml"
+    bad.write_text("models: [{name: a, checkpoint: x, urls: ['http://h:1']}]\n")
+
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "qserve", "serve", *args], capture_output=True, text=True,
+                              timeout=60, cwd=Path(__file__).resolve().parents[2])
+
+    result = serve("--config", str(bad))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: ") and "either 'checkpoint'" in result.stderr
+    assert "give a checkpoint to serve" in serve().stderr.replace("\n", " ").replace("│", "")
+    assert serve("demo", "--config", str(bad)).returncode == 2
