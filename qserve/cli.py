@@ -157,12 +157,11 @@ def serve(ctx: typer.Context,
           max_body_mb: float = typer.Option(8.0, help="Largest request body accepted (MiB); larger gets 413.")) -> None:
     """Serve a checkpoint (or the models of --config) on vLLM behind the OpenAI-compatible gateway.
     Extra arguments go to vLLM unchanged (e.g. --tensor-parallel-size 2)."""
-    from click.core import ParameterSource
-
     from serving.config import load_config, validate_config
     from serving.server import serve as run_server
 
-    given = {p for p in ctx.params if ctx.get_parameter_source(p) == ParameterSource.COMMANDLINE}
+    # compared by name: typer may hand back its own click's ParameterSource enum
+    given = {p for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"}
     top = {"host": host, "port": port, "log_dir": log_dir, "api_keys": api_keys,
            "max_body_bytes": int(max_body_mb * 2**20),
            "limits": {"max_in_flight": max_in_flight, "max_queue": max_queue, "queue_timeout_s": queue_timeout}}

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -152,3 +153,31 @@ def test_serve_command_line_errors_are_one_line(tmp_path):
     assert result.stderr.strip().startswith("error: ") and "either 'checkpoint'" in result.stderr
     assert "give a checkpoint to serve" in serve().stderr.replace("\n", " ").replace("│", "")
     assert serve("demo", "--config", str(bad)).returncode == 2
+
+
+def test_the_shipped_example_config_is_valid():
+    config = load_config(Path(__file__).resolve().parents[2] / "deploy" / "gateway.example.yaml")
+    assert [m.name for m in config.models] == ["smollm2-w8a8", "llama-70b"] and config.models[0].replicas == 2
+
+
+def test_options_on_the_command_line_override_the_config(tmp_path):
+    from serving.server import free_port
+
+    (tmp_path / "gw.yaml").write_text("port: 1\nmodels: [{name: remote, urls: ['http://127.0.0.1:9']}]\n")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "qserve", "serve", "--config", str(tmp_path / "gw.yaml"),
+                                "--port", str(port)], cwd=Path(__file__).resolve().parents[2],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and process.poll() is None, process.stdout.read()
+                time.sleep(0.3)
+        assert [m["id"] for m in models["data"]] == ["remote"]
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
