@@ -4,6 +4,8 @@
 # Extra arguments after the image name replace the default command, e.g.
 #   docker run ... qserve serve /model --host 0.0.0.0 --tensor-parallel-size 2
 # Keys: -v $PWD/keys.yaml:/keys.yaml ... qserve serve /model --host 0.0.0.0 --api-keys /keys.yaml
+# Several models or replicas: -v $PWD/gateway.yaml:/gateway.yaml ... qserve serve --config /gateway.yaml --host 0.0.0.0
+#   (deploy/gateway.example.yaml shows the format)
 FROM vllm/vllm-openai:v0.11.0
 
 WORKDIR /opt/qserve

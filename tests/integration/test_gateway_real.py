@@ -183,10 +183,15 @@ def test_a_replica_killed_mid_stream_is_restarted_while_the_other_serves(supervi
     statuses = [_post(supervised_gateway.url, None, model="victim", max_tokens=2).status_code for _ in range(4)]
     assert statuses == [200] * 4
     deadline = time.monotonic() + 600
-    while httpx.get(f"{supervised_gateway.url}/ready", timeout=10).status_code != 200:
+
+    def restarted() -> bool:  # the watcher has noticed (within ~1 s), restarted the replica, and it is ready
+        metrics = httpx.get(f"{supervised_gateway.url}/metrics", timeout=10).text
+        return ('qserve_backend_restarts_total{backend="victim-0"} 1.0' in metrics
+                and httpx.get(f"{supervised_gateway.url}/ready", timeout=10).status_code == 200)
+
+    while not restarted():
         assert time.monotonic() < deadline, "the killed replica was not restarted"
         assert _post(supervised_gateway.url, None, model="victim", max_tokens=2).status_code == 200
         time.sleep(2)
     metrics = httpx.get(f"{supervised_gateway.url}/metrics", timeout=10).text
-    assert 'qserve_backend_restarts_total{backend="victim-0"} 1.0' in metrics
     assert re.search(r'qserve_upstream_errors_total\{backend="victim-0",kind="connection"\} [1-9]', metrics), metrics
