@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,6 +65,20 @@ def _is_cpu_build() -> bool:
         return False
 
 
+def _processes() -> list[tuple[int, list[str]]]:
+    """(pid, argv) of the processes this user can see, from /proc (empty where there is none)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            found.append((int(entry.name), argv))
+    return found
+
+
+def _option(argv: list[str], name: str) -> Optional[str]:
+    return argv[argv.index(name) + 1] if name in argv[:-1] else None
+
+
 def log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -85,12 +101,26 @@ class VLLMEngine:
         if importlib.util.find_spec("vllm") is None:
             raise EngineStartError("vLLM is not installed; run scripts/setup.sh "
                                    "(or pip install '.[cpu]' / '.[gpu]')")
+        self.kill_orphans()
         self.config.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.config.log_path, "ab")
         cmd = [sys.executable, "-m", "serving.reaper", "--", *self.config.command()]
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         env=_engine_env(self.config.env), cwd=str(Path(__file__).resolve().parent.parent))
         log.close()
+
+    def kill_orphans(self) -> list[int]:
+        """Kills (with their process groups) vLLM servers still holding this engine's port after their
+        reaper was killed outright (SIGKILL leaves it no chance to clean up), so a restart can bind it."""
+        killed = []
+        for pid, argv in _processes():
+            if ("vllm.entrypoints.openai.api_server" in argv and "serving.reaper" not in argv
+                    and _option(argv, "--port") == str(self.config.port)
+                    and _option(argv, "--host") in (None, self.config.host)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)
+                    killed.append(pid)
+        return killed
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -117,7 +147,10 @@ class VLLMEngine:
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM to the reaper, which takes vLLM's whole process group down; SIGKILL if it lingers."""
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
+            return
+        if self.process.poll() is not None:  # the reaper is gone: what it may have left behind goes too
+            self.kill_orphans()
             return
         self.process.terminate()
         try:

@@ -68,3 +68,26 @@ def test_failed_restarts_back_off_and_retry():
     engine = FakeEngine(fail_starts=1)  # first restart fails: retried after 2 s instead of 1 s
     states, _ = asyncio.run(_scenario(engine))
     assert states[-1] == "ready" and engine.starts == 3
+
+
+def test_a_vllm_server_orphaned_by_a_killed_reaper_is_cleared_before_a_restart(tmp_path):
+    """SIGKILL to the reaper leaves vLLM holding the port; the next start (or stop) kills its group."""
+    import subprocess
+    import sys
+
+    from serving.engine import EngineConfig, VLLMEngine
+
+    # a stand-in whose command line reads like vLLM's API server on port 18765, in a session of its own
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                               "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", "18765"],
+                              start_new_session=True)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                  "vllm.entrypoints.openai.api_server", "--port", "187650"], start_new_session=True)
+    try:
+        engine = VLLMEngine(EngineConfig(model_dir=tmp_path, served_name="m", port=18765, log_path=tmp_path / "log"))
+        assert engine.kill_orphans() == [orphan.pid]
+        assert orphan.wait(timeout=10) == -9 and bystander.poll() is None
+    finally:
+        for p in (orphan, bystander):
+            p.kill()
+            p.wait()
