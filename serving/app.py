@@ -55,7 +55,28 @@ def build_app(settings: GatewaySettings) -> FastAPI:
                 await asyncio.to_thread(pool.stop)
 
     app = FastAPI(title="qserve gateway", lifespan=lifespan)
+    _document_request_bodies(app)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.include_router(router)
     return app
+
+
+def _document_request_bodies(app: FastAPI) -> None:
+    """Adds the generation request models to the OpenAPI components (their routes parse bodies themselves)."""
+    from serving.protocol import ChatCompletionRequest, CompletionRequest
+
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (CompletionRequest, ChatCompletionRequest):
+                spec = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(spec.pop("$defs", {}))
+                components[model.__name__] = spec
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

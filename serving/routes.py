@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import aiohttp
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 
 from serving.errors import APIError
 from serving.metrics import label_exposition
@@ -20,7 +22,19 @@ def _proxy(request: Request) -> OpenAIProxy:
     return request.app.state.proxy
 
 
-async def _generate(request: Request, endpoint: str, body: CompletionRequest | ChatCompletionRequest) -> Response:
+def _body_doc(model: type[BaseModel]) -> dict:
+    """The request body in the OpenAPI document (the routes read it themselves, see ``_generate``)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+async def _generate(request: Request, endpoint: str, model: type[CompletionRequest | ChatCompletionRequest]) -> Response:
+    # validated by pydantic-core straight from the bytes: FastAPI's body parameter (json.loads, then its own
+    # field walk) took about a tenth of the gateway's per-request samples in a py-spy profile
+    try:
+        body = model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
     proxy, authorization = _proxy(request), request.headers.get("authorization")
     if body.stream:
         stream = await proxy.open_stream(endpoint, body, authorization)
@@ -28,14 +42,14 @@ async def _generate(request: Request, endpoint: str, body: CompletionRequest | C
     return JSONResponse(await proxy.complete(endpoint, body, authorization))
 
 
-@router.post("/v1/completions", responses=_ERRORS)
-async def completions(request: Request, body: CompletionRequest) -> Response:
-    return await _generate(request, "/v1/completions", body)
+@router.post("/v1/completions", responses=_ERRORS, openapi_extra=_body_doc(CompletionRequest))
+async def completions(request: Request) -> Response:
+    return await _generate(request, "/v1/completions", CompletionRequest)
 
 
-@router.post("/v1/chat/completions", responses=_ERRORS)
-async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-    return await _generate(request, "/v1/chat/completions", body)
+@router.post("/v1/chat/completions", responses=_ERRORS, openapi_extra=_body_doc(ChatCompletionRequest))
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, "/v1/chat/completions", ChatCompletionRequest)
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -181,3 +181,12 @@ def test_options_on_the_command_line_override_the_config(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def test_the_openapi_document_describes_the_request_bodies():
+    with _gateway([Backend.external("m", DEAD)]) as client:
+        doc = client.get("/openapi.json").json()
+    body = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/CompletionRequest"}
+    assert "prompt" in doc["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert "StreamOptions" in doc["components"]["schemas"] and "ChatMessage" in doc["components"]["schemas"]
