@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 RECIPES = [("w4a16", "rtn", {}), ("w4a16", "gptq", {}), ("w4a16", "awq", {}), ("w4a16", "awq+gptq", {}),
            ("w4a16", "rtn", {"symmetric": False}), ("w4a16", "gptq", {"symmetric": False}),
            ("w4a16", "awq", {"symmetric": False}), ("w4a16", "awq+gptq", {"symmetric": False}),
+           ("w4a16", "awq+gptq/actorder", {"symmetric": False}),
            ("w8a8", "rtn", {}), ("w8a8", "smoothquant", {}), ("w8a8", "gptq", {}), ("w8a8", "smoothquant+gptq", {})]
 
 CHILD = """
@@ -35,9 +36,11 @@ from quantize.pipeline import QuantizeOptions, quantize_checkpoint
 from quantize.schemes import get_scheme
 scheme = get_scheme({scheme!r})
 scheme = replace(scheme, weights=replace(scheme.weights, **{weight_overrides!r}))
-opts = QuantizeOptions(calibration=CalibrationSpec(num_samples={samples}, seq_len={seq_len}))
+from quantize.gptq import GPTQConfig
+opts = QuantizeOptions(calibration=CalibrationSpec(num_samples={samples}, seq_len={seq_len}),
+                       gptq=GPTQConfig(actorder={actorder!r}))
 start = time.perf_counter()
-quantize_checkpoint(Path({model!r}), scheme, {method!r}, Path({out!r}), force=True, progress=False, options=opts,
+quantize_checkpoint(Path({model!r}), scheme, {method!r}.split("/")[0], Path({out!r}), force=True, progress=False, options=opts,
                     log=lambda m: None)
 import resource
 print(json.dumps({{"wall_s": time.perf_counter() - start,
@@ -105,8 +108,9 @@ def main() -> None:
             label = f"{scheme}{'-asym' if overrides.get('symmetric') is False else ''}"
             if args.only and method not in args.only and f"{label}/{method}" not in args.only:
                 continue
-            out = Path(tmp) / f"{label}-{method}"
+            out = Path(tmp) / f"{label}-{method.replace('/', '-')}"
             code = CHILD.format(root=str(ROOT), scheme=scheme, weight_overrides=overrides, samples=args.samples,
+                                actorder=method.endswith("/actorder"),
                                 seq_len=args.seq_len, model=str(model), method=method, out=str(out))
             result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if result.returncode:
