@@ -172,7 +172,8 @@ def serve(ctx: typer.Context,
                                      f"and engine arguments go in the config's models")
         source = {"max_body_mb": "max_body_bytes", "max_in_flight": "limits", "max_queue": "limits",
                   "queue_timeout": "limits"}
-        settings = load_config(config, {source.get(p, p): top[source.get(p, p)] for p in given if source.get(p, p) in top})
+        overrides = {source.get(p, p) for p in given} & top.keys()
+        settings = load_config(config, {field: top[field] for field in overrides})
     elif model is None:
         raise typer.BadParameter("give a checkpoint to serve (e.g. `qserve serve smollm2-135m-instruct`) "
                                  "or --config FILE")

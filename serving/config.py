@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -125,7 +125,8 @@ def validate_config(data: dict[str, Any], where: str = "config") -> GatewayConfi
         raise ConfigError(f"{where}: {problems}") from None
 
 
-def build_backends(config: GatewayConfig, resolve: Any, free_port: Any, log_dir: Path) -> list[Backend]:
+def build_backends(config: GatewayConfig, resolve: Callable[[str], Path], free_port: Callable[[], int],
+                   log_dir: Path) -> list[Backend]:
     """One ``Backend`` per replica: engines to launch (checkpoints resolved by ``resolve``, each on a
     ``free_port()``, each with its own log) and external URLs."""
     backends, stamp = [], time.strftime("%Y%m%d-%H%M%S")

@@ -28,7 +28,8 @@ def _body_doc(model: type[BaseModel]) -> dict:
         "$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
-async def _generate(request: Request, endpoint: str, model: type[CompletionRequest | ChatCompletionRequest]) -> Response:
+async def _generate(request: Request, endpoint: str,
+                    model: type[CompletionRequest | ChatCompletionRequest]) -> Response:
     # validated by pydantic-core straight from the bytes: FastAPI's body parameter (json.loads, then its own
     # field walk) took about a tenth of the gateway's per-request samples in a py-spy profile
     try:

@@ -17,7 +17,6 @@ from serving.protocol import ModelCard, ModelList, _GenerationRequest
 from serving.relay import UPSTREAM_ERRORS, RelayStream, StreamContext
 
 
-
 class OpenAIProxy:
     """Forwards validated requests to the backend serving their model and records metrics."""
 
@@ -150,7 +149,8 @@ def check_context(request: _GenerationRequest, backend: Backend) -> None:
         return
     if budget is not None and budget >= limit:
         raise APIError(400, f"max_tokens {budget} leaves no room for a prompt in the context of model "
-                            f"{backend.model!r} ({limit} tokens); lower max_tokens", param="max_tokens", code="context_length_exceeded")
+                            f"{backend.model!r} ({limit} tokens); lower max_tokens",
+                       param="max_tokens", code="context_length_exceeded")
     for length in request.prompt_token_lengths():
         if length + (budget or 1) > limit:
             param = "prompt" if length >= limit else "max_tokens"
