@@ -4,26 +4,28 @@ The embeddings run once over the calibration samples; a catcher in place of laye
 hidden states and the keyword arguments (mask, rotary embeddings) the model passes to its layers.
 Then, per layer: load its weights from the safetensors files, capture the inputs of its linears,
 apply the recipe's transforms, quantize, run the quantized layer to make the next layer's inputs, and
-give its memory back. Peak memory is one layer plus the activations, whatever the depth.
+give its memory back. Peak memory is one layer plus the activations, whatever the depth. Llama-style
+layers are calibrated group by group in one pass (``quantize.sequential``); others in two passes here.
 """
 
 from __future__ import annotations
 
 import ctypes
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import torch
 
 from quantize.methods import QuantizedWeight, Recipe, quantize_weight
 from quantize.schemes import QuantArgs, Scheme
+from quantize.sequential import GROUPS, calibrate_staged, staged
+from quantize.stats import Stats, StopLayer
 from quantize.transforms import LLAMA_MAPPINGS, awq_clip, awq_scales, fold_scales, smoothquant_scales
 
 BATCH = 4  # samples per forward: 8 gave the same speed with ~400 MiB more peak RSS (allocator high water)
 AWQ_SAMPLE_TOKENS = 4096
 REPORT_TOKENS = 1024  # enough for the report's cosine / relative error; fewer matmuls per linear
-HESSIAN_BLOCKS = 4
 
 
 class _Caught(Exception):
@@ -58,89 +60,6 @@ def _kurtosis(t: torch.Tensor) -> float:
     return float(centered.pow(4).mean() / centered.pow(2).mean().clamp(min=1e-20).pow(2))
 
 
-class _StopLayer(Exception):
-    """Raised once the last linear's input is recorded: the rest of the layer's output is not needed."""
-
-
-def _add_upper_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """Adds ``x^T x`` to ``acc`` on and above the diagonal blocks only (symmetric: ~30 % fewer flops)."""
-    n = x.shape[1]
-    step = -(-n // HESSIAN_BLOCKS)
-    for i in range(0, n, step):
-        acc[i:i + step, i:].addmm_(x[:, i:i + step].T, x[:, i:])
-
-
-class Stats:
-    """Per-linear input statistics gathered by forward pre-hooks over all calibration batches.
-
-    ``absmax`` (per input channel) only when asked for (SmoothQuant, static activation scales); Hessian
-    sums ``x^T x`` accumulated in place and shared by linears that read the same tensor (q/k/v, gate/up).
-    """
-
-    def __init__(self, hessian: bool, absmax: bool, sample_tokens: int, total_tokens: int) -> None:
-        self.want_hessian, self.want_absmax = hessian, absmax
-        self.sample_tokens = sample_tokens
-        self.stride = max(1, total_tokens // sample_tokens)  # samples spread over every batch
-        self.absmax: dict[str, torch.Tensor] = {}
-        self.count: dict[str, int] = {}
-        self.samples: dict[str, torch.Tensor] = {}  # preallocated [sample_tokens, in] per linear
-        self.filled: dict[str, int] = {}
-        self._hessian: dict[str, torch.Tensor] = {}
-        self._shares: dict[str, str] = {}  # linear -> the linear whose Hessian accumulator it reads
-        self._last_input: tuple[Any, str] = (None, "")
-        self.order: list[str] = []  # linears in the order they ran (first batch)
-        self.last: str | None = None  # once known, the layer stops at this linear's input
-
-    def _accumulate_hessian(self, name: str, raw: torch.Tensor, x: torch.Tensor) -> None:
-        key = (raw.data_ptr(), tuple(raw.shape))
-        if name not in self._shares:  # first batch: does it read the tensor the previous linear read?
-            self._shares[name] = self._shares[self._last_input[1]] if self._last_input[0] == key else name
-        self._last_input = (key, name)
-        if self._shares[name] != name:
-            return
-        if name not in self._hessian:
-            self._hessian[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-        _add_upper_gram(self._hessian[name], x)
-
-    def hook(self, name: str) -> Callable:
-        def record(_module: torch.nn.Module, inputs: tuple) -> None:
-            if name not in self.count:
-                self.order.append(name)
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            if self.want_absmax:
-                amax = x.abs().amax(dim=0)
-                if name in self.absmax:  # in place: no small allocation per batch (see _sample)
-                    torch.maximum(self.absmax[name], amax, out=self.absmax[name])
-                else:
-                    self.absmax[name] = amax
-            self.count[name] = self.count.get(name, 0) + x.shape[0]
-            if self.want_hessian:
-                self._accumulate_hessian(name, inputs[0], x)
-            self._sample(name, x)
-            if name == self.last:
-                raise _StopLayer
-
-        return record
-
-    def _sample(self, name: str, x: torch.Tensor) -> None:
-        """Copies every ``stride``-th row into a buffer allocated once: small tensors allocated per batch
-        between the batches' large temporaries fragment the heap (measured: +25 MiB RSS per batch)."""
-        if name not in self.samples:
-            self.samples[name] = torch.empty(self.sample_tokens, x.shape[1], device=x.device)
-            self.filled[name] = 0
-        done = self.filled[name]
-        rows = x[::self.stride][: self.sample_tokens - done]
-        self.samples[name][done:done + len(rows)].copy_(rows)
-        self.filled[name] = done + len(rows)
-
-    def hessian_of(self, name: str) -> torch.Tensor:
-        upper = self._hessian[self._shares[name]]
-        return 2 * (torch.triu(upper) + torch.triu(upper, 1).T) / self.count[name]
-
-    def samples_of(self, name: str) -> torch.Tensor:
-        return self.samples[name][:self.filled[name]]
-
-
 def _linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     return {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
 
@@ -154,17 +73,19 @@ def _propagate(layer: torch.nn.Module, shell: "_Layers") -> None:
         shell.inputs[i] = ((out[0] if isinstance(out, tuple) else out).to(shell.store_dtype), kwargs)
 
 
+def _stats(shell: "_Layers", hessian: bool, absmax: bool, sample_tokens: int = REPORT_TOKENS) -> Stats:
+    return Stats(hessian, absmax, sample_tokens, sum(h.shape[0] * h.shape[1] for h, _ in shell.inputs))
+
+
 @torch.no_grad()
-def _collect(layer: torch.nn.Module, shell: "_Layers", hessian: bool, absmax: bool,
-             sample_tokens: int = REPORT_TOKENS) -> Stats:
+def _collect(layer: torch.nn.Module, shell: "_Layers", stats: Stats) -> Stats:
     """Input statistics of every linear; from the second batch on, the layer stops at its last linear."""
-    stats = Stats(hessian, absmax, sample_tokens, sum(h.shape[0] * h.shape[1] for h, _ in shell.inputs))
     handles = [m.register_forward_pre_hook(stats.hook(n)) for n, m in _linears(layer).items()]
     try:
         for hidden, kwargs in shell.inputs:
             try:
                 layer(hidden.to(shell.dtype), **kwargs)
-            except _StopLayer:
+            except StopLayer:
                 pass
             stats.last = stats.order[-1] if stats.order else None
     finally:
@@ -270,27 +191,55 @@ def _catch_inputs(embed: torch.Tensor, config: Any, samples: torch.Tensor, devic
     return shell
 
 
-def _quantize_linear(name: str, linear: torch.nn.Linear, args: QuantArgs, stats: Stats, recipe: Recipe,
-                     gptq_config: Any, report: LayerReport) -> QuantizedWeight:
-    """Quantizes one linear in place (its weight becomes the dequantized one) and fills its report rows."""
+def _quantize_rows(names: list[str], targets: dict[str, torch.nn.Linear], args: QuantArgs, stats: Stats,
+                   recipe: Recipe, gptq_config: Any) -> dict[str, QuantizedWeight]:
+    """Quantizes linears with the same args and inputs as one stacked weight: per-row scales and GPTQ's
+    column loop treat rows independently given the Hessian, so the result is the same as one by one, with
+    one Cholesky and one column loop for q/k/v (and for gate/up) instead of three (two)."""
     calibration = None
     if recipe.quantizer == "gptq":
-        calibration = {"hessian": stats.hessian_of(name)}
+        calibration = {"hessian": stats.hessian_of(names[0])}
         if gptq_config is not None:
             calibration["gptq"] = gptq_config
-    weight = linear.weight.detach().float()
+    weight = torch.cat([targets[n].weight.detach().float() for n in names])
     qw = quantize_weight(weight, args, recipe.quantizer, calibration)
+    parts, first = {}, 0
+    for name in names:
+        rows = slice(first, first + targets[name].out_features)
+        parts[name] = replace(qw, q=qw.q[rows], scale=qw.scale[rows], zero=qw.zero[rows])
+        first = rows.stop
+    return parts
+
+
+def _report_linear(name: str, weight: torch.Tensor, new_weight: torch.Tensor, stats: Stats,
+                   report: LayerReport) -> None:
     x = stats.samples_of(name)[:REPORT_TOKENS]
-    ref_out, new_weight = x @ weight.T, qw.dequantize()
-    q_out = x @ new_weight.T
+    ref_out, q_out = x @ weight.T, x @ new_weight.T
     report.output_cosine[name] = float(torch.nn.functional.cosine_similarity(ref_out.flatten(), q_out.flatten(), dim=0))
     report.output_rel_error[name] = float((q_out - ref_out).norm() / ref_out.norm().clamp(min=1e-12))
     report.weight_kurtosis[name] = _kurtosis(weight)
     report.input_kurtosis[name] = _kurtosis(x)
-    if qw.dampening is not None:
-        report.dampening[name] = qw.dampening
-    linear.weight.data = new_weight.to(linear.weight.dtype)
-    return qw
+
+
+def _quantize_group(names: tuple[str, ...], targets: dict[str, torch.nn.Linear], args: dict[str, QuantArgs],
+                    stats: Stats, recipe: Recipe, gptq_config: Any, report: LayerReport) -> dict[str, QuantizedWeight]:
+    """Quantizes the targets among ``names`` in place (each weight becomes its dequantized value) and fills
+    their report rows; per-channel or grouped linears that share inputs and args are stacked."""
+    runs: dict[Any, list[str]] = {}
+    for name in (n for n in names if n in targets):
+        stackable = args[name].strategy in ("channel", "group")
+        runs.setdefault((stats.reads_from(name), args[name]) if stackable else name, []).append(name)
+    quantized = {}
+    for run in runs.values():
+        for name, qw in _quantize_rows(run, targets, args[run[0]], stats, recipe, gptq_config).items():
+            linear = targets[name]
+            new_weight = qw.dequantize()
+            _report_linear(name, linear.weight.detach().float(), new_weight, stats, report)
+            if qw.dampening is not None:
+                report.dampening[name] = qw.dampening
+            linear.weight.data = new_weight.to(linear.weight.dtype)
+            quantized[name] = qw
+    return quantized
 
 
 def _input_scale(stats: Stats, name: str, args: QuantArgs) -> torch.Tensor:
@@ -320,20 +269,30 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
         targets = {n: m for n, m in _linears(layer).items() if is_target(prefix + n)}
         args = {n: scheme.weights_for(prefix + n) for n in targets}
         if recipe.transforms:
-            stats = _collect(layer, shell, hessian=False, absmax="smoothquant" in recipe.transforms,
-                             sample_tokens=AWQ_SAMPLE_TOKENS if "awq" in recipe.transforms else REPORT_TOKENS)
+            stats = _collect(layer, shell, _stats(shell, hessian=False, absmax="smoothquant" in recipe.transforms,
+                                                  sample_tokens=AWQ_SAMPLE_TOKENS if "awq" in recipe.transforms
+                                                  else REPORT_TOKENS))
             report.input_kurtosis_before = {n: _kurtosis(stats.samples_of(n)) for n in targets}
             report.weight_kurtosis_before = {n: _kurtosis(m.weight) for n, m in targets.items()}
             _transform(layer, stats, recipe, args, alpha)
-        stats = _collect(layer, shell, hessian=recipe.quantizer == "gptq", absmax=scheme.static_activations)
-        quantized = {}
-        for name, linear in targets.items():
-            qw = _quantize_linear(name, linear, args[name], stats, recipe, gptq_config, report)
-            scale = _input_scale(stats, name, scheme.input_activations) if scheme.static_activations else None
-            quantized[prefix + name] = qw.to_cpu(input_scale=scale)
+        stats = _stats(shell, hessian=recipe.quantizer == "gptq", absmax=scheme.static_activations)
+        quantized: dict[str, QuantizedWeight] = {}
+
+        def quantize_group(names: tuple[str, ...]) -> None:
+            for name, qw in _quantize_group(names, targets, args, stats, recipe, gptq_config, report).items():
+                scale = _input_scale(stats, name, scheme.input_activations) if scheme.static_activations else None
+                quantized[prefix + name] = qw.to_cpu(input_scale=scale)
+
+        propagate = index + 1 < len(shell.layers)  # the last layer's outputs feed nothing
+        if staged(config, layer):
+            stats.share(GROUPS)
+            calibrate_staged(layer, shell, stats.record, quantize_group, propagate)
+        else:
+            _collect(layer, shell, stats)
+            quantize_group(tuple(targets))
+            if propagate:
+                _propagate(layer, shell)
         del stats
-        if index + 1 < len(shell.layers):  # the last layer's outputs feed nothing
-            _propagate(layer, shell)
         floats = {prefix + k: v.detach().to("cpu", dtypes[prefix + k]) for k, v in layer.state_dict().items()
                   if prefix + k in dtypes and k.removesuffix(".weight") not in targets}
         report.seconds = time.perf_counter() - start

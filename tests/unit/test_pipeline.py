@@ -156,3 +156,26 @@ def test_hub_calibration_spec_errors_are_clear(tiny_with_tokenizer, spec, messag
 
     with pytest.raises(CalibrationError, match=message):
         load_calibration(CalibrationSpec(path=spec), AutoTokenizer.from_pretrained(tiny_with_tokenizer))
+
+
+def test_two_pass_path_for_other_architectures(tiny_with_tokenizer, tmp_path, monkeypatch):
+    """Layers that cannot be calibrated stage by stage go through the generic two-pass path: a GPTQ result
+    close to the staged one, the same report rows."""
+    from exporters.dequantize import dequantized_state_dict
+    from quantize import layerwise
+    from quantize.calibration import CalibrationSpec
+    from quantize.pipeline import QuantizeOptions
+
+    options = QuantizeOptions(calibration=CalibrationSpec(num_samples=8, seq_len=64))
+    runs = {}
+    for path, is_staged in (("staged", True), ("two-pass", False)):
+        monkeypatch.setattr(layerwise, "staged", lambda _config, _layer, s=is_staged: s)
+        out = tmp_path / path
+        quantize_checkpoint(tiny_with_tokenizer, get_scheme("w8a8"), "gptq", out, progress=False,
+                            log=lambda m: None, options=options)
+        runs[path] = (dequantized_state_dict(out), json.loads((out / "quantization_report.json").read_text())["layers"])
+    staged_gptq, two_pass_gptq = runs["staged"], runs["two-pass"]
+    assert [sorted(r["output_cosine"]) for r in staged_gptq[1]] == [sorted(r["output_cosine"]) for r in two_pass_gptq[1]]
+    for name, tensor in staged_gptq[0].items():
+        assert torch.nn.functional.cosine_similarity(tensor.flatten().float(),
+                                                     two_pass_gptq[0][name].flatten().float(), dim=0) > 0.99, name
