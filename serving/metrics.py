@@ -32,25 +32,36 @@ class GatewayMetrics:
         return generate_latest(self.registry)
 
 
-def label_exposition(text: str, backend: str, seen_meta: set[str]) -> str:
-    """Adds ``backend="NAME"`` to every sample of a Prometheus text exposition.
+def _with_backend(line: str, backend: str) -> str:
+    """One sample line with ``backend="NAME"`` as its first label."""
+    name_end = len(line.split(" ", 1)[0].split("{", 1)[0])
+    label = f'backend="{backend}"'
+    if line[name_end:name_end + 1] == "{":
+        return f"{line[:name_end + 1]}{label},{line[name_end + 1:]}"
+    return f"{line[:name_end]}{{{label}}}{line[name_end:]}"
 
-    HELP/TYPE lines already emitted (``seen_meta``) are dropped so that several engines' metrics
-    merge into one valid exposition.
-    """
-    out = []
-    for line in text.splitlines():
-        if not line:
-            continue
-        if line.startswith("#"):
-            if line not in seen_meta:
-                seen_meta.add(line)
-                out.append(line)
-            continue
-        name_end = len(line.split(" ", 1)[0].split("{", 1)[0])
-        label = f'backend="{backend}"'
-        if line[name_end:name_end + 1] == "{":
-            out.append(f"{line[:name_end + 1]}{label},{line[name_end + 1:]}")
-        else:
-            out.append(f"{line[:name_end]}{{{label}}}{line[name_end:]}")
-    return "\n".join(out) + "\n"
+
+def merge_expositions(scrapes: list[tuple[str, str]]) -> str:
+    """Merges engines' Prometheus text expositions ``(backend, text)`` into one, labelling every sample
+    with its backend. Each metric family keeps one HELP/TYPE header with all backends' samples right
+    after it: the text format wants a family's samples together, and strict parsers (OpenMetrics,
+    prometheus_client) reject a family that reappears after another."""
+    families: dict[str, tuple[list[str], list[str]]] = {}  # family -> (header lines, samples), in order
+    for backend, text in scrapes:
+        family = ""
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            if line.startswith("#"):
+                words = line.split(" ", 3)
+                if len(words) >= 3 and words[1] in ("HELP", "TYPE"):
+                    family = words[2]
+                    header = families.setdefault(family, ([], []))[0]
+                    if not any(h.split(" ", 3)[1] == words[1] for h in header):
+                        header.append(line)
+                continue
+            name = line.split(" ", 1)[0].split("{", 1)[0]
+            if name != family and not name.startswith(f"{family}_"):  # a sample with no header: its own family
+                family = name
+            families.setdefault(family, ([], []))[1].append(_with_backend(line, backend))
+    return "".join("\n".join(header + samples) + "\n" for header, samples in families.values())

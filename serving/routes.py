@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
@@ -9,7 +11,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from serving.errors import APIError
-from serving.metrics import label_exposition
+from serving.backends import Backend
+from serving.metrics import merge_expositions
 from serving.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
 from serving.relay import RelayResponse
 from serving.service import OpenAIProxy
@@ -79,14 +82,19 @@ async def metrics(request: Request) -> Response:
     proxy = _proxy(request)
     for model, replicas in proxy.pool.replicas.items():
         proxy.metrics.queued.labels(model).set(sum(b.admission.queued for b in replicas))
-    parts, seen = [proxy.metrics.render().decode()], set()
-    for backend in proxy.pool.backends:
-        if backend.state != "ready":
-            continue
-        try:
-            async with proxy.client.get(f"{backend.url}/metrics", timeout=aiohttp.ClientTimeout(total=5.0)) as resp:
-                if resp.status == 200:
-                    parts.append(label_exposition(await resp.text(), backend.name, seen))
-        except Exception:  # noqa: BLE001 - a missing engine scrape must not break the gateway's own
-            proxy.metrics.upstream_errors.labels(backend.name, "metrics").inc()
-    return Response("".join(parts), media_type="text/plain; version=0.0.4; charset=utf-8")
+    ready = [b for b in proxy.pool.backends if b.state == "ready"]
+    scrapes = await asyncio.gather(*(_scrape(proxy, b) for b in ready))  # at once: a slow engine delays one
+    engines = merge_expositions([(b.name, text) for b, text in zip(ready, scrapes) if text is not None])
+    return Response(proxy.metrics.render().decode() + engines, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _scrape(proxy: OpenAIProxy, backend: Backend) -> str | None:
+    """One engine's own metrics; None (counted as an upstream error) when it does not answer in 5 s."""
+    try:
+        async with proxy.client.get(f"{backend.url}/metrics", timeout=aiohttp.ClientTimeout(total=5.0)) as resp:
+            if resp.status == 200:
+                return await resp.text()
+    except Exception:  # noqa: BLE001 - a missing engine scrape must not break the gateway's own
+        pass
+    proxy.metrics.upstream_errors.labels(backend.name, "metrics").inc()
+    return None
