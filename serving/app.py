@@ -29,6 +29,7 @@ class GatewaySettings:
     keys: KeyRing = field(default_factory=lambda: KeyRing([]))
     admission: AdmissionLimits = AdmissionLimits()
     max_body_bytes: int = 8 * 2**20
+    probe_interval_s: float = 5.0  # health checks of external (URL) replicas; 0: never
     on_fatal: Callable[[str], None] = field(default=lambda message: None)
     log: Callable[[str], None] = print
 
@@ -47,7 +48,8 @@ def build_app(settings: GatewaySettings) -> FastAPI:
             metrics = GatewayMetrics()
             app.state.proxy = OpenAIProxy(pool, metrics, client, settings.keys)
             starter: Optional[asyncio.Task] = asyncio.create_task(
-                pool.start(settings.on_fatal, settings.log, lambda model: metrics.restarts.labels(model).inc()))
+                pool.start(settings.on_fatal, settings.log, lambda model: metrics.restarts.labels(model).inc(),
+                           client, settings.probe_interval_s))
             try:
                 yield
             finally:

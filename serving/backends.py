@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import aiohttp
+
 from serving.admission import Admission, AdmissionLimits
 from serving.engine import EngineConfig, EngineStartError, VLLMEngine
 from serving.errors import APIError
@@ -26,7 +28,7 @@ class Backend:
     url: str
     name: str = ""
     engine: Optional[VLLMEngine] = None
-    state: str = "starting"  # starting | ready | restarting | failed
+    state: str = "starting"  # starting | ready | restarting | failed | unreachable (external)
     error: Optional[str] = None
     created: int = field(default_factory=lambda: int(time.time()))
     max_model_len: Optional[int] = None
@@ -90,6 +92,9 @@ class BackendPool:
         if backend.state == "restarting":
             return APIError(503, f"model {model!r} is restarting: {backend.error}; retry shortly",
                             code="backend_restarting", headers={"Retry-After": "10"})
+        if backend.state == "unreachable":
+            return APIError(503, f"model {model!r} is unreachable: {backend.error}; retry shortly",
+                            code="backend_unreachable", headers={"Retry-After": "5"})
         return APIError(503, f"model {model!r} is unavailable: {backend.error}", code="backend_failed")
 
     @property
@@ -97,9 +102,30 @@ class BackendPool:
         return all(b.state == "ready" for b in self.backends)
 
     async def start(self, on_fatal: Callable[[str], None], log: Callable[[str], None] = print,
-                    on_restart: Callable[[str], None] = lambda model: None) -> None:
+                    on_restart: Callable[[str], None] = lambda model: None,
+                    client: Optional[aiohttp.ClientSession] = None, probe_interval_s: float = 5.0) -> None:
         """Starts every launched engine and waits for health (``on_fatal`` is called if one cannot start),
-        then watches them: an engine that dies is restarted, with backoff, until the pool stops."""
+        then watches them: an engine that dies is restarted, with backoff, until the pool stops. External
+        replicas are probed every ``probe_interval_s`` with ``client`` (0 or no client: never)."""
+        probes = [self._probe(b, client, log, probe_interval_s) for b in self.backends if b.engine is None
+                  ] if client is not None and probe_interval_s > 0 else []
+        await asyncio.gather(self._start_launched(on_fatal, log, on_restart), *probes)
+
+    async def _probe(self, b: Backend, client: aiohttp.ClientSession, log: Callable[[str], None],
+                     interval_s: float) -> None:
+        """Takes an external replica out of routing while its health check fails, back when it passes."""
+        while not self.stopping:
+            failure = await health_failure(client, b.url)
+            if failure is None and b.state != "ready":
+                log(f"{b.name!r} at {b.url} answers again")
+                b.state, b.error = "ready", None
+            elif failure is not None and b.state == "ready":
+                log(f"{b.name!r} at {b.url} is unreachable ({failure}); routing around it")
+                b.state, b.error = "unreachable", failure
+            await asyncio.sleep(interval_s)
+
+    async def _start_launched(self, on_fatal: Callable[[str], None], log: Callable[[str], None],
+                              on_restart: Callable[[str], None]) -> None:
         launched = [b for b in self.backends if b.engine is not None]
         for b in launched:
             log(f"starting vLLM for {b.name!r} on {b.url} (log: {b.engine.config.log_path})")
@@ -149,3 +175,17 @@ class BackendPool:
         for b in self.backends:
             if b.engine is not None:
                 b.engine.stop()
+
+
+async def health_failure(client: aiohttp.ClientSession, url: str, timeout_s: float = 2.0) -> Optional[str]:
+    """None when the server at ``url`` answers its health check (``/health``, or ``/v1/models`` where
+    there is no ``/health``, as on OpenAI-compatible servers other than vLLM); else why not."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        for path in ("/health", "/v1/models"):
+            async with client.get(f"{url}{path}", timeout=timeout) as resp:
+                if resp.status != 404:
+                    return None if resp.status < 300 else f"{path} answered HTTP {resp.status}"
+        return "neither /health nor /v1/models exists there"
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -59,7 +59,9 @@ def test_concurrent_requests_spread_over_replicas_by_outstanding_count():
 
 def test_a_refused_connection_is_retried_on_another_replica():
     with counting_engine() as (url, counts):
-        with _gateway([Backend.external("m", DEAD, name="m-0"), Backend.external("m", url, name="m-1")]) as client:
+        # no health probes: the dead replica stays in routing, as it does between two probes
+        with _gateway([Backend.external("m", DEAD, name="m-0"), Backend.external("m", url, name="m-1")],
+                      probe_interval_s=0) as client:
             for stream in (False, True, False):
                 resp = client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2,
                                                             "stream": stream})
@@ -72,10 +74,39 @@ def test_a_refused_connection_is_retried_on_another_replica():
 
 def test_no_replica_answering_is_a_502_in_the_envelope():
     with _gateway([Backend.external("m", DEAD, name="m-0"), Backend.external("m", DEAD.replace(":9", ":7"),
-                                                                              name="m-1")]) as client:
+                                                                              name="m-1")],
+                  probe_interval_s=0) as client:
         resp = client.post("/v1/completions", json={"model": "m", "prompt": "hi", "stream": True})
     assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_unreachable"
     assert "m" in resp.json()["error"]["message"]
+
+
+def test_external_replicas_are_probed_and_routed_around_while_down():
+    with counting_engine() as (url, counts):
+        port = int(url.rsplit(":", 1)[1])
+        dead = Backend.external("m", DEAD, name="m-0")
+        with _gateway([dead, Backend.external("m", url, name="m-1")], probe_interval_s=0.05) as client:
+            _wait_for(lambda: dead.state == "unreachable")
+            ready = client.get("/ready")
+            for _ in range(3):
+                assert client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2}).status_code == 200
+            metrics = client.get("/metrics").text
+            dead.url = f"http://127.0.0.1:{port}"  # the replica comes back (here: at the live engine's address)
+            _wait_for(lambda: dead.state == "ready")
+        with _gateway([Backend.external("m", DEAD)], probe_interval_s=0.05) as client:
+            _wait_for(lambda: client.app.state.proxy.pool.backends[0].state == "unreachable")
+            alone = client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
+    assert ready.status_code == 503 and "unreachable" in ready.json()["error"]["message"]
+    assert counts["posts"] == 3 and 'kind="connection"' not in metrics  # never tried: no retry needed
+    assert alone.status_code == 503 and alone.headers["retry-after"] == "5"
+    assert alone.json()["error"]["code"] == "backend_unreachable" and "ConnectorError" in alone.json()["error"]["message"]
+
+
+def _wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
 
 
 def test_bodies_over_the_limit_get_413_whether_declared_or_chunked():
