@@ -32,6 +32,8 @@ class Backend:
     error: Optional[str] = None
     created: int = field(default_factory=lambda: int(time.time()))
     max_model_len: Optional[int] = None
+    upstream_model: Optional[str] = None  # the name the external server knows the model by, where it differs
+    api_key: Optional[str] = None  # the external server's own key, sent as a bearer token
     admission: Admission = field(default=None)  # type: ignore[assignment]  # set by the pool
 
     def __post_init__(self) -> None:
@@ -44,8 +46,15 @@ class Backend:
                    max_model_len=config.max_model_len)
 
     @classmethod
-    def external(cls, model: str, url: str, name: str = "", max_model_len: Optional[int] = None) -> "Backend":
-        return cls(model=model, url=url.rstrip("/"), name=name, state="ready", max_model_len=max_model_len)
+    def external(cls, model: str, url: str, name: str = "", max_model_len: Optional[int] = None,
+                 upstream_model: Optional[str] = None, api_key: Optional[str] = None) -> "Backend":
+        return cls(model=model, url=url.rstrip("/"), name=name, state="ready", max_model_len=max_model_len,
+                   upstream_model=upstream_model if upstream_model != model else None, api_key=api_key)
+
+    @property
+    def headers(self) -> Optional[dict[str, str]]:
+        """What each request to this replica carries: its own bearer token, where it has one."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
 
     @property
     def outstanding(self) -> int:
@@ -115,7 +124,7 @@ class BackendPool:
                      interval_s: float) -> None:
         """Takes an external replica out of routing while its health check fails, back when it passes."""
         while not self.stopping:
-            failure = await health_failure(client, b.url)
+            failure = await health_failure(client, b.url, b.headers)
             if failure is None and b.state != "ready":
                 log(f"{b.name!r} at {b.url} answers again")
                 b.state, b.error = "ready", None
@@ -177,13 +186,14 @@ class BackendPool:
                 b.engine.stop()
 
 
-async def health_failure(client: aiohttp.ClientSession, url: str, timeout_s: float = 2.0) -> Optional[str]:
+async def health_failure(client: aiohttp.ClientSession, url: str, headers: Optional[dict[str, str]] = None,
+                         timeout_s: float = 2.0) -> Optional[str]:
     """None when the server at ``url`` answers its health check (``/health``, or ``/v1/models`` where
     there is no ``/health``, as on OpenAI-compatible servers other than vLLM); else why not."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         for path in ("/health", "/v1/models"):
-            async with client.get(f"{url}{path}", timeout=timeout) as resp:
+            async with client.get(f"{url}{path}", headers=headers, timeout=timeout) as resp:
                 if resp.status != 404:
                     return None if resp.status < 300 else f"{path} answered HTTP {resp.status}"
         return "neither /health nor /v1/models exists there"

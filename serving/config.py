@@ -14,12 +14,15 @@
       - name: big
         urls: [http://gpu-host-1:8000, http://gpu-host-2:8000]   # external replicas, joined by URL
         max_model_len: 32768              # optional: lets the gateway refuse what cannot fit
+        served_model_name: meta-llama/Llama-3.1-70B-Instruct   # optional: their name for it
+        api_key_env: GPU_HOSTS_KEY        # optional: the variable holding their key
 
 ``qserve serve CHECKPOINT`` builds the same config with one model.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -47,6 +50,8 @@ class ModelSpec(BaseModel):
     engine_args: list[str] = []
     enforce_eager: Optional[bool] = None
     env: dict[str, str] = {}
+    served_model_name: Optional[str] = None  # urls: the name those servers know the model by
+    api_key_env: Optional[str] = None  # urls: the environment variable holding those servers' key
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
@@ -55,6 +60,12 @@ class ModelSpec(BaseModel):
         if self.urls and (self.replicas != 1 or self.engine_args or self.env or self.enforce_eager is not None):
             raise ValueError("'replicas', 'engine_args', 'env' and 'enforce_eager' apply to a 'checkpoint'; "
                              "for 'urls' each URL is a replica")
+        if self.checkpoint and (self.served_model_name or self.api_key_env):
+            raise ValueError("'served_model_name' and 'api_key_env' apply to 'urls'; a launched engine serves "
+                             "the model under 'name' and needs no key of its own")
+        if self.api_key_env and not os.environ.get(self.api_key_env):
+            raise ValueError(f"api_key_env: the environment variable {self.api_key_env} is not set; export it "
+                             f"with the key of the servers at {', '.join(self.urls)}")
         bad = [u for u in self.urls if not u.startswith(("http://", "https://"))]
         if bad:
             raise ValueError(f"urls must start with http:// or https:// (got {bad[0]!r})")
@@ -134,7 +145,9 @@ def build_backends(config: GatewayConfig, resolve: Callable[[str], Path], free_p
         if spec.urls:
             for i, url in enumerate(spec.urls):
                 name = spec.name if len(spec.urls) == 1 else f"{spec.name}-{i}"
-                backends.append(Backend.external(spec.name, url, name=name, max_model_len=spec.max_model_len))
+                backends.append(Backend.external(spec.name, url, name=name, max_model_len=spec.max_model_len,
+                                                 upstream_model=spec.served_model_name,
+                                                 api_key=os.environ.get(spec.api_key_env or "")))
             continue
         checkpoint = resolve(spec.checkpoint)
         for i in range(spec.replicas):

@@ -55,6 +55,10 @@ class RelayStream:
         self.proxy, self.ctx = proxy, ctx
         self.closed = self.aborted = False
         self.usage: Optional[dict] = None
+        upstream = ctx.backend.upstream_model
+        # chunks name the model as the client asked for it (compact and spaced JSON both)
+        self.renames = [(f'"model":{sep}{json.dumps(upstream)}'.encode(), f'"model":{sep}{json.dumps(ctx.model)}'.encode())
+                        for sep in ("", " ")] if upstream else []
         proxy.metrics.in_flight.labels(ctx.model).inc()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -81,6 +85,8 @@ class RelayStream:
                     self.proxy.metrics.ttft.labels(ctx.model).observe(time.perf_counter() - ctx.started)
                     first = False
                 done = False
+                for old, new in self.renames:
+                    block = block.replace(old, new)
                 if b'"usage"' in block or b"[DONE]" in block:
                     block, done = self._rewrite(block)
                 if block:

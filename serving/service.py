@@ -63,7 +63,9 @@ class OpenAIProxy:
                 check_context(request, backend)
                 await backend.admission.acquire()
                 try:
-                    return key, backend, await self.client.post(f"{backend.url}{endpoint}", json=payload)
+                    body = {**payload, "model": backend.upstream_model} if backend.upstream_model else payload
+                    return key, backend, await self.client.post(f"{backend.url}{endpoint}", json=body,
+                                                                headers=backend.headers)
                 except aiohttp.ClientConnectorError as exc:
                     await backend.admission.release()
                     error = self._upstream_error(backend, exc)
@@ -118,6 +120,8 @@ class OpenAIProxy:
             self._record(request.model, endpoint, status, started, None, key)
             raise self._relay_error(status, content)
         body = json.loads(content)
+        if backend.upstream_model and isinstance(body, dict):
+            body["model"] = request.model  # the name the client asked for, not the upstream's
         self._record(request.model, endpoint, 200, started, body.get("usage"), key)
         return body
 

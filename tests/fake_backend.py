@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from serving.server import free_port
 
 
-def _chunk(i: int, text: str) -> str:
-    return "data: " + json.dumps({"id": "x", "object": "text_completion",
+def _chunk(i: int, text: str, model: str = "fake") -> str:
+    return "data: " + json.dumps({"id": "x", "object": "text_completion", "model": model,
                                   "choices": [{"index": 0, "text": text, "finish_reason": None}]}) + "\n\n"
 
 
@@ -45,7 +45,7 @@ def make_fake_engine() -> FastAPI:
         n = body.get("max_tokens") or 4
         usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
         if not body.get("stream"):
-            return {"id": "x", "object": "text_completion", "usage": usage,
+            return {"id": "x", "object": "text_completion", "model": body.get("model"), "usage": usage,
                     "choices": [{"index": 0, "text": " tok" * n, "finish_reason": "length"}]}
 
         async def events():
@@ -63,7 +63,7 @@ def make_fake_engine() -> FastAPI:
                     await asyncio.sleep(0.02)
                 if prompt == "CRASH" and i == 2:
                     return  # the engine dies mid-stream: no [DONE]
-                yield _chunk(i, " tok")
+                yield _chunk(i, " tok", body.get("model"))
             if (body.get("stream_options") or {}).get("include_usage"):
                 yield "data: " + json.dumps({"id": "x", "choices": [], "usage": usage}) + "\n\n"
             yield "data: [DONE]\n\n"

@@ -102,6 +102,36 @@ def test_external_replicas_are_probed_and_routed_around_while_down():
     assert alone.json()["error"]["code"] == "backend_unreachable" and "ConnectorError" in alone.json()["error"]["message"]
 
 
+def test_external_servers_get_their_own_model_name_and_key(monkeypatch):
+    seen: list[tuple[str, str | None]] = []
+    app = make_fake_engine()
+
+    @app.middleware("http")
+    async def capture(request, call_next):
+        if request.method == "POST":
+            seen.append(((await request.json())["model"], request.headers.get("authorization")))
+        return await call_next(request)
+
+    monkeypatch.setenv("UPSTREAM_KEY", "sk-upstream")
+    config = validate_config({"models": [{"name": "smol", "urls": ["http://x"], "served_model_name": "org/Smol-135M",
+                                          "api_key_env": "UPSTREAM_KEY"}]})
+    with running_app(app) as url:
+        backends = build_backends(config, Path, lambda: 0, Path("."))
+        backends[0].url = url
+        with _gateway(backends) as client:
+            plain = client.post("/v1/completions", json={"model": "smol", "prompt": "hi", "max_tokens": 2})
+            streamed = client.post("/v1/completions", json={"model": "smol", "prompt": "hi", "max_tokens": 2,
+                                                            "stream": True})
+    assert seen == [("org/Smol-135M", "Bearer sk-upstream")] * 2
+    assert plain.status_code == 200 and plain.json()["model"] == "smol"
+    assert streamed.text.count('"model": "smol"') == 2 and "org/Smol" not in streamed.text
+    monkeypatch.delenv("UPSTREAM_KEY")
+    with pytest.raises(ConfigError, match="UPSTREAM_KEY is not set"):
+        validate_config({"models": [{"name": "smol", "urls": ["http://x"], "api_key_env": "UPSTREAM_KEY"}]})
+    with pytest.raises(ConfigError, match="apply to 'urls'"):
+        validate_config({"models": [{"name": "smol", "checkpoint": "c", "served_model_name": "s"}]})
+
+
 def _wait_for(condition, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
