@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/quantize_methods.py [--samples 128] [--seq-len 512] [--windows 20] [--only gptq ...]
 
 Each quantization runs in a child process so its peak RSS is its own. Perplexity is computed with
-transformers on the decoded (fake-quant) weights over ``--windows`` x 2048 tokens of the shared test
-text; for W8A8 the linear inputs are also fake-quantized per token, as vLLM's dynamic int8 kernels do.
+transformers on the decoded (fake-quant) weights, in float32 unless ``--eval-dtype`` says otherwise, over
+``--windows`` x 2048 tokens of the shared test text; for W8A8 the linear inputs are also fake-quantized per token, as vLLM's dynamic int8 kernels do.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ print(json.dumps({{"wall_s": time.perf_counter() - start,
 """
 
 
-def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool) -> float:
+def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool, dtype_name: str = "auto") -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,9 +60,9 @@ def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool
 
     from quantize.layerwise import compute_dtype
 
-    # weights rounded to bf16 as the checkpoint stores them; computed in float32 on CPUs without bf16
-    # units (3x faster there, and the more exact figure), else in bf16 as vLLM does
-    dtype = compute_dtype(torch.device("cpu"), torch.bfloat16)
+    # weights rounded to bf16 as the checkpoint stores them; computed in float32 by default (the exact figure,
+    # the same on CPUs with and without bf16 units); "auto" computes as the calibrated layers ran
+    dtype = compute_dtype(torch.device("cpu"), torch.bfloat16) if dtype_name == "auto" else getattr(torch, dtype_name)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     if ckpt is not None:
         state = {k: v.to(dtype) for k, v in dequantized_state_dict(ckpt, torch.bfloat16).items()}
@@ -96,6 +96,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="methods (gptq) or scheme/method labels (w4a16-asym/awq) to run")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--no-ppl", action="store_true", help="time and measure memory only")
+    parser.add_argument("--eval-dtype", choices=["auto", "float32", "bfloat16"], default="float32",
+                        help="perplexity computed in (auto: as the calibrated layers run here); float32, the exact "
+                             "figure, is the default so that machines with and without bf16 units compare")
     args = parser.parse_args()
 
     from exporters.models import prepare_model
@@ -125,14 +128,15 @@ def main() -> None:
             if args.no_ppl:
                 row["perplexity"] = float("nan")
                 continue
-            row["perplexity"] = perplexity(model, checkpoint, args.windows, row["scheme"] == "w8a8")
+            row["perplexity"] = perplexity(model, checkpoint, args.windows, row["scheme"] == "w8a8", args.eval_dtype)
             print(f"{row['scheme']} {row['method']}: ppl {row['perplexity']:.3f}", flush=True)
     import torch
 
     from quantize.layerwise import compute_dtype
 
     print(f"\n{args.samples} x {args.seq_len} calibration tokens; perplexity over {args.windows} x 2048 tokens, "
-          f"computed in {compute_dtype(torch.device('cpu'), torch.bfloat16)}; {torch.get_num_threads()} threads")
+          f"computed in {args.eval_dtype if args.eval_dtype != 'auto' else compute_dtype(torch.device('cpu'), torch.bfloat16)}"
+          f"; layers calibrated in {compute_dtype(torch.device('cpu'), torch.bfloat16)}; {torch.get_num_threads()} threads")
     print("\n| scheme | method | wall s | peak RSS MiB | WikiText-2 ppl |\n|---|---|---|---|---|")
     for r in rows:
         wall = f"{r['wall_s']:.1f}" if r["wall_s"] else "-"
