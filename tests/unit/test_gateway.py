@@ -19,7 +19,8 @@ def engine_url():
 @pytest.fixture
 def gateway(engine_url):
     settings = GatewaySettings(backends=[Backend.external("fake", engine_url), Backend.external("dead", "http://127.0.0.1:9")],
-                               request_timeout_s=2.0, log=lambda m: None)
+                               request_timeout_s=2.0, log=lambda m: None,
+                               probe_interval_s=0)  # "dead" stays routed: its refused connection is the 502 case
     with TestClient(build_app(settings)) as client:
         yield client
 
