@@ -2,7 +2,11 @@
 
 Builds random Llama checkpoints with the demo model's widths and N and 2N layers (the demo
 tokenizer beside them), quantizes each with GPTQ W8A8 in a fresh child process and prints wall
-time and peak RSS.
+time and peak RSS, and a trace of the process's memory per decoder layer: the peak while that layer
+was calibrated and written (VmHWM, reset after each layer through ``/proc/self/clear_refs``), and after
+it its anonymous memory (RssAnon: tensors) and file-backed pages (RssFile: mapped libraries and
+safetensors). Flat means the last layers of the deep model peak where its first layers and the shallow
+model's layers do.
 
     .venv/bin/python benchmarks/layerwise_memory.py [--layers 30] [--samples 32] [--seq-len 512]
 """
@@ -24,14 +28,30 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
+import quantize.layerwise as layerwise
+
+def memory():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    with open("/proc/self/clear_refs", "w") as reset:
+        reset.write("5")  # the next reading's VmHWM is the next layer's own peak
+    return {{k: int(fields[k].split()[0]) / 1024 for k in ("VmHWM", "RssAnon", "RssFile")}}
+
+trace, calibrated = [], layerwise.calibrated_layers
+
+def traced(*args, **kwargs):
+    for item in calibrated(*args, **kwargs):
+        yield item
+        trace.append(memory())  # the pipeline has written this layer and asks for the next
+
+layerwise.calibrated_layers = traced
 from quantize.calibration import CalibrationSpec
 from quantize.pipeline import QuantizeOptions, quantize_checkpoint
 from quantize.schemes import get_scheme
 start = time.perf_counter()
 quantize_checkpoint(Path({model!r}), get_scheme("w8a8"), "gptq", Path({out!r}), progress=False, log=lambda m: None,
                     options=QuantizeOptions(calibration=CalibrationSpec(num_samples={samples}, seq_len={seq_len})))
-print(json.dumps({{"wall_s": time.perf_counter() - start,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+peak = max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024] + [t["VmHWM"] for t in trace])
+print(json.dumps({{"wall_s": time.perf_counter() - start, "trace": trace, "peak_rss_mib": peak}}))
 """
 
 
@@ -58,6 +78,7 @@ def main() -> None:
     from exporters.models import prepare_model
 
     demo = prepare_model("smollm2-135m")
+    runs = {}
     print("| layers | wall s | peak RSS MiB |\n|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for layers in (args.layers, 2 * args.layers):
@@ -68,6 +89,26 @@ def main() -> None:
             result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
             measured = json.loads(result.stdout.strip().splitlines()[-1])
             print(f"| {layers} | {measured['wall_s']:.1f} | {measured['peak_rss_mib']:.0f} |", flush=True)
+            runs[layers] = measured["trace"]
+    print_trace(runs)
+
+
+def print_trace(runs: dict[int, list[dict]]) -> None:
+    """Memory (MiB) at layers 1, 2, 5, 10, ... of each run, side by side (the first layer's peak includes
+    loading the embeddings and catching the calibration inputs)."""
+    deepest = max(runs)
+    marks = sorted({1, 2, 5, *range(10, deepest + 1, 10), *runs})
+    print("\nlayer | " + " | ".join(f"{n} layers: peak / RssAnon / RssFile" for n in runs))
+    print("|".join(["---"] * (len(runs) + 1)))
+    for mark in marks:
+        cells = [" / ".join(f"{t[mark - 1][k]:.0f}" for k in ("VmHWM", "RssAnon", "RssFile")) if mark <= len(t) else "-"
+                 for t in runs.values()]
+        print(f"{mark} | " + " | ".join(cells))
+    for n, t in runs.items():
+        half, peak = len(t) // 2, lambda part: max((x["VmHWM"] for x in part), default=float("nan"))
+        print(f"{n} layers: highest layer peak in layers 2-{half} {peak(t[1:half]):.0f} MiB, in layers {half + 1}-{n} "
+              f"{peak(t[half:]):.0f} MiB; RssAnon after layer {half} {t[half - 1]['RssAnon']:.0f}, after layer {n} "
+              f"{t[-1]['RssAnon']:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ class RelayStream:
         self.proxy, self.ctx = proxy, ctx
         self.closed = self.aborted = False
         self.usage: Optional[dict] = None
+        self.tail = DONE  # what the response sends last
         upstream = ctx.backend.upstream_model
         # chunks name the model as the client asked for it (compact and spaced JSON both)
         self.renames = [(f'"model":{sep}{json.dumps(upstream)}'.encode(), f'"model":{sep}{json.dumps(ctx.model)}'.encode())
@@ -71,6 +72,8 @@ class RelayStream:
             self.ctx.upstream.close()
 
     async def _blocks(self) -> AsyncIterator[bytes]:
+        """The blocks before the last; the last (the final events, or an error event) and ``[DONE]`` are left
+        in ``tail`` for the response's closing send, which writes them with the chunked terminator at once."""
         ctx, status, buffer, first = self.ctx, 502, b"", True
         try:
             async for piece in ctx.upstream.content.iter_any():
@@ -89,25 +92,24 @@ class RelayStream:
                     block = block.replace(old, new)
                 if b'"usage"' in block or b"[DONE]" in block:
                     block, done = self._rewrite(block)
+                if done:
+                    status, self.tail = 200, block + DONE
+                    break
                 if block:
                     yield block
-                if done:
-                    status = 200
-                    break
             else:  # the engine closed the stream without its [DONE]
-                yield APIError(502, "stream interrupted: the engine closed it early", code="upstream_closed").sse()
+                self.tail = APIError(502, "stream interrupted: the engine closed it early", code="upstream_closed").sse() + DONE
         except UPSTREAM_ERRORS as exc:
             if self.aborted:
                 status = 499
             else:
                 err = self.proxy._upstream_error(ctx.backend, exc)
                 status = err.status
-                yield APIError(err.status, f"stream interrupted: {err.message}", code=err.code).sse()
+                self.tail = APIError(err.status, f"stream interrupted: {err.message}", code=err.code).sse() + DONE
         except ValueError:
-            yield APIError(502, "the engine sent a malformed stream event", code="upstream_malformed").sse()
+            self.tail = APIError(502, "the engine sent a malformed stream event", code="upstream_malformed").sse() + DONE
         finally:
             await self.close(499 if self.aborted else status)
-        yield DONE
 
     def _rewrite(self, block: bytes) -> tuple[bytes, bool]:
         """The events of a block that carries usage or ``[DONE]``: usage kept only where the client asked
@@ -163,7 +165,9 @@ class RelayResponse(Response):
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for block in stream:
                 await send({"type": "http.response.body", "body": block, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            # one write for the last events, [DONE] and the chunked terminator (for a short answer, the
+            # whole body): a syscall per send is a good part of the gateway's cost per request
+            await send({"type": "http.response.body", "body": stream.tail, "more_body": False})
         finally:
             watcher.cancel()
             await stream.close()

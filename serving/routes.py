@@ -56,6 +56,11 @@ async def chat_completions(request: Request) -> Response:
     return await _generate(request, "/v1/chat/completions", ChatCompletionRequest)
 
 
+# dispatched by the gateway ahead of FastAPI's middleware and routing (``serving.app``); declared on the router
+# above too, for the OpenAPI document
+GENERATION_ROUTES = {"/v1/completions": completions, "/v1/chat/completions": chat_completions}
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def models(request: Request) -> ModelList:
     return _proxy(request).models()

@@ -253,3 +253,27 @@ def test_the_openapi_document_describes_the_request_bodies():
     assert body == {"$ref": "#/components/schemas/CompletionRequest"}
     assert "prompt" in doc["components"]["schemas"]["CompletionRequest"]["properties"]
     assert "StreamOptions" in doc["components"]["schemas"] and "ChatMessage" in doc["components"]["schemas"]
+
+
+def test_generation_routes_dispatched_ahead_of_fastapi_keep_its_errors_and_documents(monkeypatch):
+    """The hot routes bypass FastAPI's stack (``serving.app.Gateway``): failures still get the envelope and
+    are counted, other methods still get the router's 405, and the OpenAPI document still lists them."""
+    from serving.service import OpenAIProxy
+
+    async def broken(*_args, **_kwargs):
+        raise RuntimeError("bug")
+
+    with counting_engine() as (url, _counts), _gateway([Backend.external("m", url)]) as client:
+        invalid = client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": -1})
+        not_json = client.post("/v1/chat/completions", content=b"{", headers={"content-type": "application/json"})
+        wrong_method = client.get("/v1/completions")
+        monkeypatch.setattr(OpenAIProxy, "complete", broken)
+        internal = client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
+        paths = client.get("/openapi.json").json()["paths"]
+        metrics = client.get("/metrics").text
+    assert invalid.status_code == 400 and invalid.json()["error"]["param"] == "max_tokens"
+    assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "invalid_value"
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+    assert internal.status_code == 500 and internal.json()["error"]["message"] == "internal error: RuntimeError"
+    assert "/v1/completions" in paths and "/v1/chat/completions" in paths
+    assert 'endpoint="/v1/completions",key="-",model="unknown",status="500"} 1.0' in metrics
