@@ -24,7 +24,10 @@ RECIPES = [("w4a16", "rtn", {}), ("w4a16", "gptq", {}), ("w4a16", "awq", {}), ("
            ("w4a16", "rtn", {"symmetric": False}), ("w4a16", "gptq", {"symmetric": False}),
            ("w4a16", "awq", {"symmetric": False}), ("w4a16", "awq+gptq", {"symmetric": False}),
            ("w4a16", "awq+gptq/actorder", {"symmetric": False}),
-           ("w8a8", "rtn", {}), ("w8a8", "smoothquant", {}), ("w8a8", "gptq", {}), ("w8a8", "smoothquant+gptq", {})]
+           ("w8a8", "rtn", {}), ("w8a8", "smoothquant", {}), ("w8a8", "gptq", {}), ("w8a8", "smoothquant+gptq", {}),
+           ("w8a8", "smoothquant+gptq/a0.65", {}), ("w8a8", "smoothquant+gptq/a0.65/linears", {})]
+# label options after the method: "/actorder" GPTQ with activation ordering, "/aX" SmoothQuant alpha X (0.5
+# otherwise), "/linears" SmoothQuant also from up_proj into down_proj
 
 CHILD = """
 import json, sys, time
@@ -38,7 +41,8 @@ scheme = get_scheme({scheme!r})
 scheme = replace(scheme, weights=replace(scheme.weights, **{weight_overrides!r}))
 from quantize.gptq import GPTQConfig
 opts = QuantizeOptions(calibration=CalibrationSpec(num_samples={samples}, seq_len={seq_len}),
-                       gptq=GPTQConfig(actorder={actorder!r}))
+                       gptq=GPTQConfig(actorder={actorder!r}), smooth_linears={smooth_linears!r},
+                       smoothquant_alpha={alpha!r})
 start = time.perf_counter()
 quantize_checkpoint(Path({model!r}), scheme, {method!r}.split("/")[0], Path({out!r}), force=True, progress=False, options=opts,
                     log=lambda m: None)
@@ -112,8 +116,10 @@ def main() -> None:
             if args.only and method not in args.only and f"{label}/{method}" not in args.only:
                 continue
             out = Path(tmp) / f"{label}-{method.replace('/', '-')}"
+            options = method.split("/")[1:]
+            alpha = next((float(o[1:]) for o in options if o.startswith("a") and o != "actorder"), 0.5)
             code = CHILD.format(root=str(ROOT), scheme=scheme, weight_overrides=overrides, samples=args.samples,
-                                actorder=method.endswith("/actorder"),
+                                actorder="actorder" in options, smooth_linears="linears" in options, alpha=alpha,
                                 seq_len=args.seq_len, model=str(model), method=method, out=str(out))
             result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if result.returncode:

@@ -73,6 +73,8 @@ def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id
              calib_seq_len: int = typer.Option(512, help="Tokens per calibration sample."),
              seed: int = typer.Option(0, help="Seed for choosing calibration windows."),
              smoothquant_alpha: float = typer.Option(0.5, help="SmoothQuant migration strength."),
+             smooth_linears: bool = typer.Option(False, help="SmoothQuant also folds into a linear feeding "
+                                                             "another (up_proj -> down_proj), not only norms."),
              actorder: bool = typer.Option(False, help="GPTQ activation ordering (with static groups)."),
              dampening: float = typer.Option(0.01, help="GPTQ dampening (raised automatically if needed)."),
              force: bool = typer.Option(False, help="Overwrite an existing output directory.")) -> None:
@@ -99,7 +101,7 @@ def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id
     parse_recipe(method)
     options = QuantizeOptions(
         calibration=CalibrationSpec(num_samples=num_samples, seq_len=calib_seq_len, seed=seed, path=calib_file),
-        smoothquant_alpha=smoothquant_alpha, gptq=GPTQConfig(actorder=actorder, dampening=dampening),
+        smoothquant_alpha=smoothquant_alpha, smooth_linears=smooth_linears, gptq=GPTQConfig(actorder=actorder, dampening=dampening),
         device=device, auto_group_size=auto)
     quantize_checkpoint(resolve_model(model), chosen, method, output, force=force, log=typer.echo, options=options)
 

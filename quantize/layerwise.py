@@ -114,7 +114,8 @@ def check_mappings(model: torch.nn.Module, recipe: Recipe) -> None:
 
 
 @torch.no_grad()
-def _transform(layer: torch.nn.Module, stats: Stats, recipe: Recipe, args: dict[str, QuantArgs], alpha: float) -> None:
+def _transform(layer: torch.nn.Module, stats: Stats, recipe: Recipe, args: dict[str, QuantArgs], alpha: float,
+               smooth_linears: bool = False) -> None:
     modules = dict(layer.named_modules())
     for mapping in LLAMA_MAPPINGS:
         smooth, balance = modules[mapping.smooth], [modules[b] for b in mapping.balance]
@@ -123,7 +124,9 @@ def _transform(layer: torch.nn.Module, stats: Stats, recipe: Recipe, args: dict[
         first = mapping.balance[0]
         if any(b not in args for b in mapping.balance):
             continue  # a balance layer is not quantized (ignored): nothing to protect
-        if "smoothquant" in recipe.transforms and not isinstance(smooth, torch.nn.Linear):
+        # SmoothQuant proper (and LLMC, llm-compressor) folds into norms only; ``smooth_linears`` also folds
+        # into a linear feeding another (up_proj -> down_proj), as lmquant does
+        if "smoothquant" in recipe.transforms and (smooth_linears or not isinstance(smooth, torch.nn.Linear)):
             s = smoothquant_scales(stats.absmax[first], [b.weight for b in balance], alpha)
             fold_scales(smooth, balance, s)
             stats.absmax[first] = stats.absmax[first] / s
@@ -251,6 +254,7 @@ def _input_scale(stats: Stats, name: str, args: QuantArgs) -> torch.Tensor:
 def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str, torch.Tensor]], config: Any,
                       samples: torch.Tensor, scheme: Scheme, recipe: Recipe, is_target: Callable[[str], bool],
                       alpha: float = 0.5, gptq_config: Any = None, device: str | torch.device = "cpu",
+                      smooth_linears: bool = False,
                       ) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, QuantizedWeight], LayerReport]]:
     """Yields, per decoder layer, its float tensors (transformed), its quantized linears (on the CPU, with
     ``input_scale`` set for static activation schemes) and a report."""
@@ -274,7 +278,7 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
                                                   else REPORT_TOKENS))
             report.input_kurtosis_before = {n: _kurtosis(stats.samples_of(n)) for n in targets}
             report.weight_kurtosis_before = {n: _kurtosis(m.weight) for n, m in targets.items()}
-            _transform(layer, stats, recipe, args, alpha)
+            _transform(layer, stats, recipe, args, alpha, smooth_linears)
         stats = _stats(shell, hessian=recipe.quantizer == "gptq", absmax=scheme.static_activations)
         quantized: dict[str, QuantizedWeight] = {}
 

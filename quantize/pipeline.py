@@ -163,7 +163,8 @@ def _write_calibrated(model_dir: Path, files: list[Path], targets: dict[str, str
     reports = []
     layers = calibrated_layers(embed, load, config, samples, scheme, recipe,
                                is_target=lambda name: f"{name}.weight" in targets, alpha=options.smoothquant_alpha,
-                               gptq_config=options.gptq, device=options.device)
+                               gptq_config=options.gptq, device=options.device,
+                               smooth_linears=options.smooth_linears)
     del embed  # the generator drops its own reference once the calibration inputs exist
     for index, floats, quantized, report in tqdm(layers, total=config.num_hidden_layers, disable=not progress,
                                                  desc=f"quantize {scheme.name}/{recipe.name}", unit="layer"):
@@ -192,6 +193,7 @@ class QuantizeOptions:
 
     calibration: CalibrationSpec = CalibrationSpec()
     smoothquant_alpha: float = 0.5
+    smooth_linears: bool = False  # SmoothQuant also between linears (up_proj -> down_proj), not only norms
     gptq: GPTQConfig = GPTQConfig()
     device: str = "cpu"  # where calibrated layers run: "cpu", "cuda", "cuda:1"
     auto_group_size: bool = False  # per layer, the largest group size that divides its inputs
