@@ -25,9 +25,9 @@ RECIPES = [("w4a16", "rtn", {}), ("w4a16", "gptq", {}), ("w4a16", "awq", {}), ("
            ("w4a16", "awq", {"symmetric": False}), ("w4a16", "awq+gptq", {"symmetric": False}),
            ("w4a16", "awq+gptq/actorder", {"symmetric": False}),
            ("w8a8", "rtn", {}), ("w8a8", "smoothquant", {}), ("w8a8", "gptq", {}), ("w8a8", "smoothquant+gptq", {}),
-           ("w8a8", "smoothquant+gptq/a0.65", {}), ("w8a8", "smoothquant+gptq/a0.65/linears", {})]
+           ("w8a8", "smoothquant+gptq/aauto", {}), ("w8a8", "smoothquant+gptq/aauto/linears", {})]
 # label options after the method: "/actorder" GPTQ with activation ordering, "/aX" SmoothQuant alpha X (0.5
-# otherwise), "/linears" SmoothQuant also from up_proj into down_proj
+# otherwise; "/aauto" searched per layer), "/linears" SmoothQuant also from up_proj into down_proj
 
 CHILD = """
 import json, sys, time
@@ -106,6 +106,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from exporters.models import prepare_model
+    from quantize.methods import parse_alpha
 
     model = prepare_model("smollm2-135m")
     rows = []
@@ -117,7 +118,7 @@ def main() -> None:
                 continue
             out = Path(tmp) / f"{label}-{method.replace('/', '-')}"
             options = method.split("/")[1:]
-            alpha = next((float(o[1:]) for o in options if o.startswith("a") and o != "actorder"), 0.5)
+            alpha = next((parse_alpha(o[1:]) for o in options if o.startswith("a") and o != "actorder"), 0.5)
             code = CHILD.format(root=str(ROOT), scheme=scheme, weight_overrides=overrides, samples=args.samples,
                                 actorder="actorder" in options, smooth_linears="linears" in options, alpha=alpha,
                                 seq_len=args.seq_len, model=str(model), method=method, out=str(out))

@@ -72,7 +72,8 @@ def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id
              num_samples: int = typer.Option(128, help="Calibration samples."),
              calib_seq_len: int = typer.Option(512, help="Tokens per calibration sample."),
              seed: int = typer.Option(0, help="Seed for choosing calibration windows."),
-             smoothquant_alpha: float = typer.Option(0.5, help="SmoothQuant migration strength."),
+             smoothquant_alpha: str = typer.Option("0.5", help="SmoothQuant migration strength in [0, 1], or "
+                                                             "'auto': searched per layer on calibration data."),
              smooth_linears: bool = typer.Option(False, help="SmoothQuant also folds into a linear feeding "
                                                              "another (up_proj -> down_proj), not only norms."),
              actorder: bool = typer.Option(False, help="GPTQ activation ordering (with static groups)."),
@@ -84,7 +85,7 @@ def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id
     from exporters.models import resolve_model
     from quantize.calibration import CalibrationSpec
     from quantize.gptq import GPTQConfig
-    from quantize.methods import parse_recipe
+    from quantize.methods import parse_alpha, parse_recipe
     from quantize.pipeline import QuantizeOptions, quantize_checkpoint
     from quantize.schemes import QuantArgs, SchemeError, get_scheme, parse_override
 
@@ -99,9 +100,10 @@ def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id
     chosen = replace(chosen, weights=replace(weights, observer=observer),
                      overrides=tuple(parse_override(o, symmetric=not asymmetric) for o in override))
     parse_recipe(method)
+    alpha = parse_alpha(smoothquant_alpha)
     options = QuantizeOptions(
         calibration=CalibrationSpec(num_samples=num_samples, seq_len=calib_seq_len, seed=seed, path=calib_file),
-        smoothquant_alpha=smoothquant_alpha, smooth_linears=smooth_linears, gptq=GPTQConfig(actorder=actorder, dampening=dampening),
+        smoothquant_alpha=alpha, smooth_linears=smooth_linears, gptq=GPTQConfig(actorder=actorder, dampening=dampening),
         device=device, auto_group_size=auto)
     quantize_checkpoint(resolve_model(model), chosen, method, output, force=force, log=typer.echo, options=options)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -21,7 +21,8 @@ from quantize.methods import QuantizedWeight, Recipe, quantize_weight
 from quantize.schemes import QuantArgs, Scheme
 from quantize.sequential import GROUPS, calibrate_staged, staged
 from quantize.stats import Stats, StopLayer
-from quantize.transforms import LLAMA_MAPPINGS, awq_clip, awq_scales, fold_scales, smoothquant_scales
+from quantize.transforms import (LLAMA_MAPPINGS, awq_clip, awq_scales, fold_scales, smoothquant_scales,
+                                 smoothquant_search)
 
 BATCH = 4  # samples per forward: 8 gave the same speed with ~400 MiB more peak RSS (allocator high water)
 AWQ_SAMPLE_TOKENS = 4096
@@ -43,6 +44,7 @@ class LayerReport:
     input_kurtosis: dict[str, float] = field(default_factory=dict)
     weight_kurtosis_before: dict[str, float] = field(default_factory=dict)  # before transforms
     input_kurtosis_before: dict[str, float] = field(default_factory=dict)
+    smoothquant_alpha: dict[str, float] = field(default_factory=dict)  # per mapping, by its first balance linear
 
 
 def release_freed_memory() -> None:
@@ -114,8 +116,11 @@ def check_mappings(model: torch.nn.Module, recipe: Recipe) -> None:
 
 
 @torch.no_grad()
-def _transform(layer: torch.nn.Module, stats: Stats, recipe: Recipe, args: dict[str, QuantArgs], alpha: float,
-               smooth_linears: bool = False) -> None:
+def _transform(layer: torch.nn.Module, stats: Stats, recipe: Recipe, args: dict[str, QuantArgs],
+               alpha: Optional[float], smooth_linears: bool = False, act_args: Optional[QuantArgs] = None,
+               report: Optional[LayerReport] = None) -> None:
+    """Applies the recipe's transforms to each mapping of the layer; ``alpha`` None searches SmoothQuant's
+    migration strength per mapping (the choice goes in the report)."""
     modules = dict(layer.named_modules())
     for mapping in LLAMA_MAPPINGS:
         smooth, balance = modules[mapping.smooth], [modules[b] for b in mapping.balance]
@@ -127,7 +132,13 @@ def _transform(layer: torch.nn.Module, stats: Stats, recipe: Recipe, args: dict[
         # SmoothQuant proper (and LLMC, llm-compressor) folds into norms only; ``smooth_linears`` also folds
         # into a linear feeding another (up_proj -> down_proj), as lmquant does
         if "smoothquant" in recipe.transforms and (smooth_linears or not isinstance(smooth, torch.nn.Linear)):
-            s = smoothquant_scales(stats.absmax[first], [b.weight for b in balance], alpha)
+            weights = [b.weight for b in balance]
+            if alpha is None:
+                s, chosen = smoothquant_search(stats.samples_of(first), stats.absmax[first], weights, args[first], act_args)
+            else:
+                s, chosen = smoothquant_scales(stats.absmax[first], weights, alpha), alpha
+            if report is not None:
+                report.smoothquant_alpha[first] = chosen
             fold_scales(smooth, balance, s)
             stats.absmax[first] = stats.absmax[first] / s
         if "awq" in recipe.transforms:
@@ -253,7 +264,7 @@ def _input_scale(stats: Stats, name: str, args: QuantArgs) -> torch.Tensor:
 
 def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str, torch.Tensor]], config: Any,
                       samples: torch.Tensor, scheme: Scheme, recipe: Recipe, is_target: Callable[[str], bool],
-                      alpha: float = 0.5, gptq_config: Any = None, device: str | torch.device = "cpu",
+                      alpha: Optional[float] = 0.5, gptq_config: Any = None, device: str | torch.device = "cpu",
                       smooth_linears: bool = False,
                       ) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, QuantizedWeight], LayerReport]]:
     """Yields, per decoder layer, its float tensors (transformed), its quantized linears (on the CPU, with
@@ -275,10 +286,10 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
         if recipe.transforms:
             stats = _collect(layer, shell, _stats(shell, hessian=False, absmax="smoothquant" in recipe.transforms,
                                                   sample_tokens=AWQ_SAMPLE_TOKENS if "awq" in recipe.transforms
-                                                  else REPORT_TOKENS))
+                                                  or alpha is None else REPORT_TOKENS))
             report.input_kurtosis_before = {n: _kurtosis(stats.samples_of(n)) for n in targets}
             report.weight_kurtosis_before = {n: _kurtosis(m.weight) for n, m in targets.items()}
-            _transform(layer, stats, recipe, args, alpha, smooth_linears)
+            _transform(layer, stats, recipe, args, alpha, smooth_linears, scheme.input_activations, report)
         stats = _stats(shell, hessian=recipe.quantizer == "gptq", absmax=scheme.static_activations)
         quantized: dict[str, QuantizedWeight] = {}
 

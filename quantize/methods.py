@@ -111,3 +111,17 @@ def quantize_weight(weight: torch.Tensor, args: QuantArgs, method: str = "rtn",
     if method not in QUANTIZERS:
         raise MethodError(f"unknown quantizer {method!r}; choose one of: {', '.join(sorted(QUANTIZERS))}")
     return QUANTIZERS[method].fn(weight, args, calibration)
+
+
+def parse_alpha(text: str) -> Optional[float]:
+    """SmoothQuant's migration strength from the command line: a number in [0, 1], or ``auto`` (None: searched
+    per layer and mapping on the calibration data)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        alpha = float(text)
+    except ValueError:
+        alpha = -1.0
+    if not 0.0 <= alpha <= 1.0:
+        raise MethodError(f"--smoothquant-alpha {text!r} is neither a number in [0, 1] (e.g. 0.5) nor 'auto'")
+    return alpha

@@ -192,7 +192,7 @@ class QuantizeOptions:
     """Knobs of the calibrated methods; the defaults are the usual ones."""
 
     calibration: CalibrationSpec = CalibrationSpec()
-    smoothquant_alpha: float = 0.5
+    smoothquant_alpha: Optional[float] = 0.5  # None: searched per layer and mapping ("auto")
     smooth_linears: bool = False  # SmoothQuant also between linears (up_proj -> down_proj), not only norms
     gptq: GPTQConfig = GPTQConfig()
     device: str = "cpu"  # where calibrated layers run: "cpu", "cuda", "cuda:1"

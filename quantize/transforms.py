@@ -7,7 +7,8 @@ so the float model computes the same function.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 
@@ -36,6 +37,29 @@ def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], al
     w_absmax = torch.cat([w.float() for w in weights]).abs().amax(dim=0)
     s = act_absmax.float().clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
     return s.clamp(min=1e-5)
+
+
+SMOOTHQUANT_ALPHAS = tuple(i / 20 for i in range(2, 19))  # 0.1 .. 0.9, searched with --smoothquant-alpha auto
+
+
+def smoothquant_search(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor], weight_args: QuantArgs,
+                       act_args: Optional[QuantArgs], alphas: tuple[float, ...] = SMOOTHQUANT_ALPHAS
+                       ) -> tuple[torch.Tensor, float]:
+    """The migration strength (and its scales) whose smoothed and quantized outputs come closest to the float
+    outputs on ``x``: weights rounded to nearest, activations quantized as the scheme does (per token or
+    per tensor); the balance layers' outputs are stacked. As Intel Neural Compressor's ``alpha="auto"``."""
+    x, w = x.float(), torch.cat([w.float() for w in weights])
+    reference = x @ w.T
+    act = replace(act_args, strategy="channel" if act_args.strategy == "token" else "tensor") if act_args else None
+    best_err, best = float("inf"), (torch.ones_like(act_absmax, dtype=torch.float32), 0.0)
+    for alpha in alphas:
+        s = smoothquant_scales(act_absmax, weights, alpha)
+        xs = x / s
+        out = (numerics.fake_quantize(xs, act) if act else xs) @ numerics.fake_quantize(w * s, weight_args).T
+        err = float((out - reference).pow(2).sum())
+        if err < best_err:
+            best_err, best = err, (s, alpha)
+    return best
 
 
 def awq_scales(x: torch.Tensor, weights: list[torch.Tensor], args: QuantArgs, grid: int = 20) -> torch.Tensor:

@@ -77,3 +77,10 @@ def test_malformed_task_file_is_rejected_with_its_line_before_any_request(tmp_pa
     line = _one_line_error(qserve("eval", "http://127.0.0.1:9", "--tokenizer", str(tmp_path), "--tasks",
                                   f"wikitext,{tasks}", timeout=60))
     assert "mc.jsonl:2" in line and "'choices'" in line
+
+
+def test_smoothquant_alpha_out_of_range(tmp_path):
+    line = _one_line_error(qserve("quantize", str(tmp_path), "--method", "smoothquant", "--smoothquant-alpha", "1.5",
+                                  "-o", str(tmp_path / "out")))
+    assert "1.5" in line and "auto" in line
+    assert not (tmp_path / "out").exists()

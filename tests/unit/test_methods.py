@@ -9,7 +9,7 @@ from quantize import numerics
 from quantize.gptq import GPTQConfig, gptq_quantize
 from quantize.methods import MethodError, parse_recipe
 from quantize.schemes import QuantArgs
-from quantize.transforms import awq_clip, awq_scales, fold_scales, smoothquant_scales
+from quantize.transforms import awq_clip, awq_scales, fold_scales, smoothquant_scales, smoothquant_search
 
 W4G64 = QuantArgs(num_bits=4, strategy="group", group_size=64)
 W4G64_ASYM = QuantArgs(num_bits=4, strategy="group", group_size=64, symmetric=False)
@@ -78,6 +78,18 @@ def test_smoothquant_beats_rtn_for_w8a8_on_outlier_channels(linear):
 
     s = smoothquant_scales(x.abs().amax(dim=0), [w], alpha=0.5)
     assert numerics.sqnr_db(ref, w8a8(x / s, w * s)) > numerics.sqnr_db(ref, w8a8(x, w)) + 6
+
+
+def test_smoothquant_alpha_search_does_at_least_as_well_as_the_default(linear):
+    x, w = outlier_inputs(), linear.weight.data
+    ref = x @ w.T
+
+    def w8a8_db(s):
+        return numerics.sqnr_db(ref, numerics.fake_quantize(x / s, PER_TOKEN) @ numerics.fake_quantize(w * s, W8).T)
+
+    s, alpha = smoothquant_search(x, x.abs().amax(dim=0), [w], W8, QuantArgs(num_bits=8, strategy="token"))
+    assert 0.1 <= alpha <= 0.9
+    assert w8a8_db(s) >= w8a8_db(smoothquant_scales(x.abs().amax(dim=0), [w], alpha=0.5)) - 1e-6
 
 
 @pytest.mark.parametrize("smooth_kind", ["norm", "linear"])

@@ -179,3 +179,17 @@ def test_two_pass_path_for_other_architectures(tiny_with_tokenizer, tmp_path, mo
     for name, tensor in staged_gptq[0].items():
         assert torch.nn.functional.cosine_similarity(tensor.flatten().float(),
                                                      two_pass_gptq[0][name].flatten().float(), dim=0) > 0.99, name
+
+
+def test_smoothquant_alpha_auto_is_searched_per_layer_and_reported(tiny_with_tokenizer, tmp_path):
+    from quantize.calibration import CalibrationSpec
+    from quantize.pipeline import QuantizeOptions
+    from quantize.transforms import SMOOTHQUANT_ALPHAS
+
+    options = QuantizeOptions(calibration=CalibrationSpec(num_samples=4, seq_len=64), smoothquant_alpha=None)
+    quantize_checkpoint(tiny_with_tokenizer, get_scheme("w8a8"), "smoothquant", tmp_path / "out", progress=False,
+                        log=lambda m: None, options=options)
+    layers = json.loads((tmp_path / "out" / "quantization_report.json").read_text())["layers"]
+    for layer in layers:  # the norm-fed mappings, each with its own choice from the grid
+        assert set(layer["smoothquant_alpha"]) == {"self_attn.q_proj", "mlp.gate_proj"}
+        assert all(a in SMOOTHQUANT_ALPHAS for a in layer["smoothquant_alpha"].values())
