@@ -26,6 +26,7 @@ from quantize.transforms import (LLAMA_MAPPINGS, awq_clip, awq_scales, fold_scal
 
 BATCH = 4  # samples per forward: 8 gave the same speed with ~400 MiB more peak RSS (allocator high water)
 AWQ_SAMPLE_TOKENS = 4096
+ALPHA_SEARCH_TOKENS = 2048  # the alpha search runs 17 quantized matmuls per mapping on them
 REPORT_TOKENS = 1024  # enough for the report's cosine / relative error; fewer matmuls per linear
 
 
@@ -147,6 +148,12 @@ def _transform(layer: torch.nn.Module, stats: Stats, recipe: Recipe, args: dict[
             fold_scales(smooth, balance, s)
             for name, b in zip(mapping.balance, balance):
                 b.weight.copy_(awq_clip(x / s, b.weight, args[name]))
+
+
+def _sample_tokens(recipe: Recipe, alpha: Optional[float]) -> int:
+    if "awq" in recipe.transforms:
+        return AWQ_SAMPLE_TOKENS
+    return ALPHA_SEARCH_TOKENS if alpha is None and "smoothquant" in recipe.transforms else REPORT_TOKENS
 
 
 def compute_dtype(device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
@@ -285,8 +292,7 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
         args = {n: scheme.weights_for(prefix + n) for n in targets}
         if recipe.transforms:
             stats = _collect(layer, shell, _stats(shell, hessian=False, absmax="smoothquant" in recipe.transforms,
-                                                  sample_tokens=AWQ_SAMPLE_TOKENS if "awq" in recipe.transforms
-                                                  or alpha is None else REPORT_TOKENS))
+                                                  sample_tokens=_sample_tokens(recipe, alpha)))
             report.input_kurtosis_before = {n: _kurtosis(stats.samples_of(n)) for n in targets}
             report.weight_kurtosis_before = {n: _kurtosis(m.weight) for n, m in targets.items()}
             _transform(layer, stats, recipe, args, alpha, smooth_linears, scheme.input_activations, report)
