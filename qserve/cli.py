@@ -78,6 +78,8 @@ def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id
                                                              "another (up_proj -> down_proj), not only norms."),
              actorder: bool = typer.Option(False, help="GPTQ activation ordering (with static groups)."),
              dampening: float = typer.Option(0.01, help="GPTQ dampening (raised automatically if needed)."),
+             report_png: bool = typer.Option(False, help="Also draw the calibrated methods' per-layer report "
+                                                         "(quantization_report.png)."),
              force: bool = typer.Option(False, help="Overwrite an existing output directory.")) -> None:
     """Quantize a checkpoint and write it in the compressed-tensors layout vLLM loads."""
     from dataclasses import replace
@@ -104,7 +106,7 @@ def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id
     options = QuantizeOptions(
         calibration=CalibrationSpec(num_samples=num_samples, seq_len=calib_seq_len, seed=seed, path=calib_file),
         smoothquant_alpha=alpha, smooth_linears=smooth_linears, gptq=GPTQConfig(actorder=actorder, dampening=dampening),
-        device=device, auto_group_size=auto)
+        device=device, auto_group_size=auto, report_png=report_png)
     quantize_checkpoint(resolve_model(model), chosen, method, output, force=force, log=typer.echo, options=options)
 
 

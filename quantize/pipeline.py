@@ -197,6 +197,7 @@ class QuantizeOptions:
     gptq: GPTQConfig = GPTQConfig()
     device: str = "cpu"  # where calibrated layers run: "cpu", "cuda", "cuda:1"
     auto_group_size: bool = False  # per layer, the largest group size that divides its inputs
+    report_png: bool = False  # also draw the per-layer report (quantization_report.png; needs matplotlib)
 
 
 def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: Path, force: bool = False,
@@ -252,7 +253,8 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
             source_sha256=_sha256_files(files), skipped=skipped, calibration=calibration_report)
         (tmp / "qserve.json").write_text(json.dumps(report.to_dict(), indent=2))
         if layer_reports:
-            write_layer_report(tmp, layer_reports)
+            title = f"{model_dir.name}: {scheme.name} / {recipe.name}" if options.report_png else None
+            write_layer_report(tmp, layer_reports, figure_title=title)
     log(f"wrote {out_dir}: {len(targets)} layers {scheme.name}/{recipe.name}, "
         f"{report.size_bytes / 2**20:.1f} MiB (source {report.source_size_bytes / 2**20:.1f} MiB), {report.seconds:.1f} s")
     return report

@@ -46,14 +46,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
     return (f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")), param
 
 
-_GENERATION = ("/v1/completions", "/v1/chat/completions")
-
-
 def _count(request: Request, status: int) -> None:
     """Counts a request refused before the proxy saw it (bad body, unknown route, internal error)."""
     proxy = getattr(request.app.state, "proxy", None)
     if proxy is not None:
-        endpoint = request.url.path if request.url.path in _GENERATION else "other"
+        # the endpoint label for the generation routes, "other" for the rest (a bounded label set)
+        endpoint = request.url.path if request.url.path in getattr(request.app, "hot_routes", ()) else "other"
         proxy.metrics.requests.labels("unknown", endpoint, str(status), "-").inc()
 
 

@@ -43,6 +43,11 @@ class StreamContext:
     key: Optional[APIKey]
 
 
+def _error_tail(status: int, message: str, code: Optional[str]) -> bytes:
+    """How a stream that failed after its 200 ends: one error event in the envelope, then ``[DONE]``."""
+    return APIError(status, message, code=code).sse() + DONE
+
+
 class RelayStream:
     """An engine's SSE stream as blocks of complete events, usage stripped where it was not asked for.
 
@@ -98,16 +103,16 @@ class RelayStream:
                 if block:
                     yield block
             else:  # the engine closed the stream without its [DONE]
-                self.tail = APIError(502, "stream interrupted: the engine closed it early", code="upstream_closed").sse() + DONE
+                self.tail = _error_tail(502, "stream interrupted: the engine closed it early", "upstream_closed")
         except UPSTREAM_ERRORS as exc:
             if self.aborted:
                 status = 499
             else:
                 err = self.proxy._upstream_error(ctx.backend, exc)
                 status = err.status
-                self.tail = APIError(err.status, f"stream interrupted: {err.message}", code=err.code).sse() + DONE
+                self.tail = _error_tail(err.status, f"stream interrupted: {err.message}", err.code)
         except ValueError:
-            self.tail = APIError(502, "the engine sent a malformed stream event", code="upstream_malformed").sse() + DONE
+            self.tail = _error_tail(502, "the engine sent a malformed stream event", "upstream_malformed")
         finally:
             await self.close(499 if self.aborted else status)
 

@@ -84,10 +84,13 @@ def test_calibrated_recipes(tiny_with_tokenizer, tmp_path, scheme, method):
     from quantize.calibration import CalibrationSpec
     from quantize.pipeline import QuantizeOptions
 
-    options = QuantizeOptions(calibration=CalibrationSpec(num_samples=8, seq_len=64))
+    png = method == "smoothquant"  # one recipe draws the figure too: it has kurtosis before and after
+    options = QuantizeOptions(calibration=CalibrationSpec(num_samples=8, seq_len=64), report_png=png)
     out = tmp_path / "out"
     report = quantize_checkpoint(tiny_with_tokenizer, get_scheme(scheme), method, out, progress=False,
                                  log=lambda m: None, options=options)
+    figure = out / "quantization_report.png"
+    assert figure.exists() == png and (not png or figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n")
     assert report.method.startswith(method.split("+")[0]) and report.calibration["num_samples"] == 8
     assert len(report.calibration["window_starts"]) == 8
     layers = json.loads((out / "quantization_report.json").read_text())["layers"]
@@ -193,3 +196,14 @@ def test_smoothquant_alpha_auto_is_searched_per_layer_and_reported(tiny_with_tok
     for layer in layers:  # the norm-fed mappings, each with its own choice from the grid
         assert set(layer["smoothquant_alpha"]) == {"self_attn.q_proj", "mlp.gate_proj"}
         assert all(a in SMOOTHQUANT_ALPHAS for a in layer["smoothquant_alpha"].values())
+
+
+def test_report_figure_series_group_linears_by_kind_across_layers():
+    from quantize.report_figure import _series
+
+    layers = [{"index": i, "output_rel_error": {"self_attn.q_proj": 0.01 * (i + 1), "mlp.down_proj": 0.02},
+               "input_kurtosis_before": {"self_attn.q_proj": 50.0}} for i in range(3)]
+    errors = _series(layers, "output_rel_error")
+    assert sorted(errors) == ["down_proj", "q_proj"] and errors["q_proj"] == ([0, 1, 2], [0.01, 0.02, 0.03])
+    assert list(_series(layers, "input_kurtosis_before")) == ["q_proj"]
+    assert _series(layers, "weight_kurtosis_before") == {}
