@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
 import quantize.layerwise as layerwise
@@ -50,7 +50,9 @@ from quantize.schemes import get_scheme
 start = time.perf_counter()
 quantize_checkpoint(Path({model!r}), get_scheme("w8a8"), "gptq", Path({out!r}), progress=False, log=lambda m: None,
                     options=QuantizeOptions(calibration=CalibrationSpec(num_samples={samples}, seq_len={seq_len})))
-peak = max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024] + [t["VmHWM"] for t in trace])
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's RSS when it was forked (measured: a
+# 1.5 GiB parent makes a 13 MiB child report 1.5 GiB); the last reading covers the writes after the last layer
+peak = max([memory()["VmHWM"]] + [t["VmHWM"] for t in trace])
 print(json.dumps({{"wall_s": time.perf_counter() - start, "trace": trace, "peak_rss_mib": peak}}))
 """
 

@@ -46,9 +46,9 @@ opts = QuantizeOptions(calibration=CalibrationSpec(num_samples={samples}, seq_le
 start = time.perf_counter()
 quantize_checkpoint(Path({model!r}), scheme, {method!r}.split("/")[0], Path({out!r}), force=True, progress=False, options=opts,
                     log=lambda m: None)
-import resource
-print(json.dumps({{"wall_s": time.perf_counter() - start,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+# VmHWM, this process's own peak; ru_maxrss would start at the parent's RSS when it forked this child
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+print(json.dumps({{"wall_s": time.perf_counter() - start, "peak_rss_mib": peak}}))
 """
 
 
