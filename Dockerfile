@@ -11,11 +11,13 @@ FROM vllm/vllm-openai:v0.11.0
 WORKDIR /opt/qserve
 COPY pyproject.toml README.md ./
 COPY qserve ./qserve
+COPY core ./core
 COPY quantize ./quantize
 COPY exporters ./exporters
 COPY serving ./serving
 COPY loadtest ./loadtest
 COPY accuracy ./accuracy
+COPY workflows ./workflows
 # vLLM, torch and transformers come with the base image; this adds qserve and its small dependencies.
 RUN pip install --no-cache-dir .
 

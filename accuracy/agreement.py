@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from accuracy.perplexity import load_tokenizer, score_windows, text_windows
+from accuracy.perplexity import score_windows, text_windows
+from core.checkpoint import load_tokenizer
 from accuracy.scoring import token_agreement
-from loadtest.client import EndpointError
+from core.client import EndpointError
 
 
 def compare_scores(base: list, other: list) -> dict[str, Any]:

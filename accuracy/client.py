@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import httpx
 
-from loadtest.client import EndpointError, error_text
+from core.client import EndpointError, error_text
 
 
 @dataclass

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from loadtest.client import EndpointError, base_url
+from core.client import EndpointError, base_url
 
 
 def lm_eval_command(url: str, model: str, tokenizer: str, tasks: str, concurrency: int = 4,

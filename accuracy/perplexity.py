@@ -18,19 +18,10 @@ import httpx
 
 from accuracy.client import PromptScores, score_prompt
 from accuracy.scoring import Window, perplexity_figures, rolling_windows
-from loadtest.client import EndpointError, base_url, check_endpoint
+from core.checkpoint import load_tokenizer
+from core.client import EndpointError, base_url, check_endpoint
 
 T = TypeVar("T")
-
-
-def load_tokenizer(source: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except Exception as exc:  # noqa: BLE001 - many loader errors, one message
-        raise EndpointError(f"cannot load a tokenizer from {source!r} ({type(exc).__name__}); "
-                            f"pass --tokenizer with the model's checkpoint directory") from None
 
 
 def prefix_token(tokenizer) -> int:

@@ -49,9 +49,10 @@ def _load_tasks(settings: EvalSettings) -> dict[str, Any]:
 
 def _evaluate_one(endpoint: Endpoint, tokenizer_source: str, tasks: dict[str, Any], settings: EvalSettings,
                   log: Callable[[str], None]) -> dict[str, Any]:
-    from accuracy.perplexity import endpoint_perplexity, load_tokenizer
+    from accuracy.perplexity import endpoint_perplexity
+    from core.checkpoint import load_tokenizer
     from accuracy.task_runner import run_task
-    from loadtest.data import data_file
+    from core.data import data_file
 
     tokenizer, results = load_tokenizer(tokenizer_source), {}
     for spec, task in tasks.items():
@@ -88,7 +89,7 @@ def deltas(results: dict[str, Any], baseline: dict[str, Any]) -> dict[str, dict[
 def evaluate_endpoint(settings: EvalSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluates ``settings.endpoint`` (and the baseline, with deltas and agreement, when given)."""
     from accuracy.agreement import endpoint_agreement
-    from loadtest.data import data_file
+    from core.data import data_file
 
     tasks = _load_tasks(settings)
     report: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "endpoint": settings.endpoint.__dict__,

@@ -17,7 +17,7 @@ from accuracy.client import chat_answer, score_prompt
 from accuracy.perplexity import client_for, gather_limited
 from accuracy.scoring import choice_metrics, extract_number
 from accuracy.tasks import Task
-from loadtest.client import base_url, check_endpoint
+from core.client import base_url, check_endpoint
 
 GENERATION_INSTRUCTION = "\nSolve the problem, then give the final answer as a number after '####'."
 

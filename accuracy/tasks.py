@@ -149,7 +149,7 @@ BUILTIN: dict[str, tuple[str, Callable[[Path], Task]]] = {
 
 def load_task(spec: str, limit: Optional[int] = None) -> Task:
     """A built-in task by name (read from the shared data directory) or a generic JSONL file by path."""
-    from loadtest.data import data_file
+    from core.data import data_file
 
     if spec.startswith("hub:"):
         from accuracy.hub_tasks import load_hub_task

@@ -33,7 +33,7 @@ def _row(r: dict, c: int) -> dict:
 
 def sweep(model_dir: Path, concurrencies: list[int], seq_len: int, sweep_windows: int) -> dict:
     from accuracy.perplexity import endpoint_perplexity
-    from loadtest.data import data_file
+    from core.data import data_file
     from serving.launcher import served
     from serving.server import free_port
 
@@ -63,7 +63,7 @@ def report(checkpoints: list[tuple[str, Path]], limit: int, seq_len: int, max_wi
 
     from accuracy.agreement import endpoint_agreement
     from accuracy.runner import Endpoint, EvalSettings, deltas, evaluate_endpoint, markdown
-    from loadtest.data import data_file
+    from core.data import data_file
     from serving.launcher import served
     from serving.server import free_port
 
@@ -103,7 +103,7 @@ def main() -> None:
         pairs = [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) for spec in args.report]
         result = report(pairs, args.limit, args.seq_len, args.max_windows or None)
     else:
-        from exporters.models import prepare_model
+        from core.models import prepare_model
 
         model = args.checkpoint or prepare_model("smollm2-135m")
         result = sweep(model, args.concurrency, args.seq_len, args.sweep_windows)

@@ -46,7 +46,7 @@ def traced(*args, **kwargs):
 layerwise.calibrated_layers = traced
 from quantize.calibration import CalibrationSpec
 from quantize.pipeline import QuantizeOptions, quantize_checkpoint
-from quantize.schemes import get_scheme
+from core.schemes import get_scheme
 start = time.perf_counter()
 quantize_checkpoint(Path({model!r}), get_scheme("w8a8"), "gptq", Path({out!r}), progress=False, log=lambda m: None,
                     options=QuantizeOptions(calibration=CalibrationSpec(num_samples={samples}, seq_len={seq_len})))
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     args = parser.parse_args()
 
-    from exporters.models import prepare_model
+    from core.models import prepare_model
 
     demo = prepare_model("smollm2-135m")
     runs = {}

@@ -28,7 +28,7 @@ def measure(model: Path, work: Path) -> list[dict]:
     from exporters.convert import export_checkpoint
     from exporters.inspect import inspect_checkpoint
     from quantize.pipeline import quantize_checkpoint
-    from quantize.schemes import SchemeError, get_scheme
+    from core.schemes import SchemeError, get_scheme
 
     rows = []
     for preset, asym in SCHEMES:
@@ -59,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
-    from exporters.models import prepare_model
+    from core.models import prepare_model
 
     model = prepare_model("smollm2-135m")
     with tempfile.TemporaryDirectory(prefix="qserve-sizes-") as tmp:

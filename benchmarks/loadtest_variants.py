@@ -30,13 +30,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8310)
     args = parser.parse_args()
 
-    from exporters.models import prepare_model
+    from core.models import prepare_model
     from loadtest.profiles import parse_profiles
     from loadtest.report import compare, run_table, write_json
     from loadtest.runner import LoadSettings, run_loadtest
     from loadtest.workloads import LengthDist
     from quantize.pipeline import quantize_checkpoint
-    from quantize.schemes import get_scheme
+    from core.schemes import get_scheme
     from serving.launcher import served
 
     base = prepare_model(args.model)

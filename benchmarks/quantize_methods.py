@@ -36,7 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from quantize.calibration import CalibrationSpec
 from quantize.pipeline import QuantizeOptions, quantize_checkpoint
-from quantize.schemes import get_scheme
+from core.schemes import get_scheme
 scheme = get_scheme({scheme!r})
 scheme = replace(scheme, weights=replace(scheme.weights, **{weight_overrides!r}))
 from quantize.gptq import GPTQConfig
@@ -57,10 +57,10 @@ def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from exporters.dequantize import dequantized_state_dict
-    from loadtest.data import data_file
+    from core.data import data_file
     from accuracy.scoring import disjoint_windows as make_windows
-    from quantize import numerics
-    from quantize.schemes import QuantArgs
+    from core import numerics
+    from core.schemes import QuantArgs
 
     from quantize.layerwise import compute_dtype
 
@@ -105,7 +105,7 @@ def main() -> None:
                              "figure, is the default so that machines with and without bf16 units compare")
     args = parser.parse_args()
 
-    from exporters.models import prepare_model
+    from core.models import prepare_model
     from quantize.methods import parse_alpha
 
     model = prepare_model("smollm2-135m")

@@ -59,10 +59,10 @@ def main() -> None:
 
     import torch
 
-    from exporters.models import resolve_model
+    from core.models import resolve_model
     from quantize.calibration import CalibrationSpec
     from quantize.pipeline import QuantizeOptions, quantize_checkpoint
-    from quantize.schemes import get_scheme
+    from core.schemes import get_scheme
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model.startswith("random:"):

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from quantize.methods import QuantizedWeight
-from quantize.schemes import QuantArgs, Scheme, SchemeError
+from core.quantized import QuantizedWeight
+from core.schemes import QuantArgs, Scheme, SchemeError
 
 BITS, PER_WORD = 4, 8
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's pack order: nibble i of a word holds column ORDER[i]

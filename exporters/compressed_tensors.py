@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-from quantize.methods import QuantizedWeight
-from quantize.schemes import Override, QuantArgs, Scheme
+from core.quantized import QuantizedWeight
+from core.schemes import Override, QuantArgs, Scheme
 
 
 MARKER = ".weight_scale"

@@ -17,13 +17,13 @@ from typing import Callable, Optional
 
 import torch
 
-from exporters.atomic import atomic_output_dir
+from core.atomic import atomic_output_dir
 from exporters.dequantize import checkpoint_layout, is_layer_tensor, load_tensors, quantized_prefixes, tensor_locations
 from exporters.layouts import LAYOUTS, Layout
-from exporters.models import ModelError
-from exporters.shards import ShardWriter
-from quantize.pipeline import AUX_FILES, qserve_version
-from quantize.schemes import Scheme, SchemeError
+from core.models import ModelError
+from core.shards import ShardWriter
+from core.checkpoint import AUX_FILES, qserve_version
+from core.schemes import Scheme, SchemeError
 
 DEQUANTIZED = "dequantized"
 TARGETS = (*LAYOUTS, DEQUANTIZED)

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from exporters.layouts import Layout, layout_of_config
-from quantize.schemes import Scheme
+from core.schemes import Scheme
 
 
 def checkpoint_layout(ckpt_dir: Path) -> tuple[Optional[Layout], Optional[Scheme]]:

@@ -13,9 +13,9 @@ import torch
 
 from exporters.dequantize import checkpoint_layout, is_layer_tensor, load_tensors, quantized_prefixes
 from exporters.layouts import Layout
-from exporters.models import ModelError
-from quantize.methods import QuantizedWeight
-from quantize.schemes import Scheme, SchemeError
+from core.models import ModelError
+from core.quantized import QuantizedWeight
+from core.schemes import Scheme, SchemeError
 
 
 @dataclass

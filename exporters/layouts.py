@@ -14,8 +14,8 @@ import torch
 
 from exporters import awq, gptq
 from exporters import compressed_tensors as ct
-from quantize.methods import QuantizedWeight
-from quantize.schemes import QuantArgs, Scheme, SchemeError
+from core.quantized import QuantizedWeight
+from core.schemes import QuantArgs, Scheme, SchemeError
 
 
 @dataclass(frozen=True)

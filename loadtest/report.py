@@ -103,7 +103,7 @@ def write_csv(report: dict[str, Any], path: Path) -> None:
 
 def load_report(path: Path) -> dict[str, Any]:
     """A saved report, checked to be one this version reads."""
-    from loadtest.client import EndpointError
+    from core.client import EndpointError
 
     try:
         report = json.loads(path.read_text())

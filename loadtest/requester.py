@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import aiohttp
 
-from loadtest.client import error_text
+from core.client import error_text
 from loadtest.stats import RequestRecord
 from loadtest.workloads import RequestSpec, Tokenizer
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import aiohttp
 
-from loadtest.client import base_url
+from core.client import base_url
 from loadtest.figures import SLO, counted_records, prefill_figures, run_figures
 from loadtest.issuer import Bounds, issue
 from loadtest.profiles import Concurrency, Profile
@@ -68,7 +68,7 @@ class LoadSettings:
 
 
 def _workload(settings: LoadSettings, tokenizer: Any) -> Iterator[RequestSpec]:
-    from loadtest.data import data_file
+    from core.data import data_file
 
     if settings.workload not in WORKLOADS:
         raise WorkloadError(f"unknown workload {settings.workload!r}; use one of {', '.join(WORKLOADS)}")
@@ -224,11 +224,11 @@ async def _main(url: str, model: Optional[str], settings: LoadSettings, progress
                 log: Callable[[str], None]) -> dict[str, Any]:
     import httpx
 
-    from loadtest.client import check_endpoint
+    from core.client import check_endpoint
 
     tokenizer = None
     if settings.tokenizer:
-        from accuracy.perplexity import load_tokenizer
+        from core.checkpoint import load_tokenizer
 
         tokenizer = load_tokenizer(settings.tokenizer)
     specs = _workload(settings, tokenizer)  # bad files fail here, before any request

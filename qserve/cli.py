@@ -46,7 +46,7 @@ def keys_new(key_id: str = typer.Argument(..., help="A name for the key, shown i
 def models_prepare(name: str = typer.Argument("smollm2-135m", help="Demo model name."),
                    force: bool = typer.Option(False, help="Rebuild even if cached.")) -> None:
     """Build the demo model's safetensors checkpoint (cached under ~/.cache/qserve/models)."""
-    from exporters.models import prepare_model
+    from core.models import prepare_model
 
     typer.echo(str(prepare_model(name, force=force)))
 
@@ -84,12 +84,12 @@ def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id
     """Quantize a checkpoint and write it in the compressed-tensors layout vLLM loads."""
     from dataclasses import replace
 
-    from exporters.models import resolve_model
+    from core.models import resolve_model
     from quantize.calibration import CalibrationSpec
     from quantize.gptq import GPTQConfig
     from quantize.methods import parse_alpha, parse_recipe
     from quantize.pipeline import QuantizeOptions, quantize_checkpoint
-    from quantize.schemes import QuantArgs, SchemeError, get_scheme, parse_override
+    from core.schemes import QuantArgs, SchemeError, get_scheme, parse_override
 
     auto = group_size is not None and group_size.lower() == "auto"
     if group_size is not None and not auto and not group_size.isdigit():
@@ -242,8 +242,8 @@ def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="
          port: int = typer.Option(8300, help="Gateway port used for each variant in turn."),
          windows: int = typer.Option(20, help="Perplexity windows of 2048 tokens.")) -> None:
     """Run the whole chain on the demo model and print the bf16-vs-quantized table."""
-    from loadtest.demo import run_demo
-    from quantize.schemes import get_scheme
+    from workflows.demo import run_demo
+    from core.schemes import get_scheme
 
     for s in scheme:
         get_scheme(s)

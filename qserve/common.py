@@ -14,14 +14,14 @@ F = TypeVar("F", bound=Callable)
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The error types whose message is meant for the user as it is (each says how to fix it)."""
-    from exporters.atomic import OutputExistsError
-    from exporters.models import ModelError
-    from loadtest.client import EndpointError
+    from core.atomic import OutputExistsError
+    from core.models import ModelError
+    from core.client import EndpointError
     from loadtest.workloads import WorkloadError
     from quantize.calibration import CalibrationError
     from quantize.methods import MethodError
     from accuracy.tasks import TaskError
-    from quantize.schemes import SchemeError
+    from core.schemes import SchemeError
     from serving.engine import EngineStartError
     from serving.config import ConfigError
     from serving.keys import KeyFileError

@@ -66,7 +66,7 @@ def _hub_text(spec: str, text_field: str) -> str:
 def load_calibration(spec: CalibrationSpec, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     """Token ids ``[num_samples, seq_len]`` from disjoint windows of a local file (text or JSONL) or a hub
     dataset (``hf:NAME[:CONFIG]:SPLIT``), and a report of which."""
-    from loadtest.data import data_file
+    from core.data import data_file
 
     if spec.path is not None and str(spec.path).startswith(HUB_PREFIX):
         text = _hub_text(str(spec.path), spec.text_field)

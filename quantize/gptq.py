@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from quantize import numerics
-from quantize.schemes import QuantArgs
+from core import numerics
+from core.schemes import QuantArgs
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from collections import Counter, defaultdict
 
-from quantize.schemes import Override, Scheme, SchemeError
+from core.schemes import Override, Scheme, SchemeError
 
 AUTO_GROUP_SIZES = (128, 64, 32, 16, 8)  # 128 first: the size most GPTQ/AWQ kernels and checkpoints use
 

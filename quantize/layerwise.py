@@ -17,8 +17,9 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from quantize.methods import QuantizedWeight, Recipe, quantize_weight
-from quantize.schemes import QuantArgs, Scheme
+from core.quantized import QuantizedWeight
+from quantize.methods import Recipe, quantize_weight
+from core.schemes import QuantArgs, Scheme
 from quantize.sequential import GROUPS, calibrate_staged, staged
 from quantize.stats import Stats, StopLayer
 from quantize.transforms import (LLAMA_MAPPINGS, awq_clip, awq_scales, fold_scales, smoothquant_scales,

@@ -7,34 +7,15 @@ followed by one quantizer: ``awq`` is AWQ then RTN, ``smoothquant+gptq`` is Smoo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from quantize import numerics
+from core import numerics
 from quantize.gptq import GPTQConfig, gptq_quantize
-from quantize.schemes import QuantArgs
-
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """Integer weights ``q`` with per-channel/group ``scale`` and ``zero`` (``[out, n_groups]``)."""
-
-    q: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    args: QuantArgs
-    dampening: Optional[float] = None
-    input_scale: Optional[torch.Tensor] = None  # static activation scale, shape [1]
-
-    def dequantize(self) -> torch.Tensor:
-        return numerics.dequantize(self.q, self.scale, self.zero, self.args)
-
-    def to_cpu(self, input_scale: Optional[torch.Tensor] = None) -> "QuantizedWeight":
-        """The same weight with its tensors on the CPU (where they are written), plus a static input scale."""
-        scale = input_scale.cpu() if input_scale is not None else self.input_scale
-        return replace(self, q=self.q.cpu(), scale=self.scale.cpu(), zero=self.zero.cpu(), input_scale=scale)
+from core.quantized import QuantizedWeight
+from core.schemes import QuantArgs
 
 
 class MethodError(ValueError):

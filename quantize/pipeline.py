@@ -16,21 +16,17 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from core.checkpoint import AUX_FILES, qserve_version, weight_files
 from exporters import compressed_tensors
-from exporters.atomic import atomic_output_dir
-from exporters.models import ModelError
-from exporters.shards import ShardWriter
+from core.atomic import atomic_output_dir
+from core.models import ModelError
+from core.shards import ShardWriter
 from quantize.calibration import CalibrationSpec, load_calibration
 from quantize.gptq import GPTQConfig
 from quantize.methods import Recipe, parse_recipe, quantize_weight
 from quantize.report import write_layer_report
 from quantize.grouping import auto_group_sizes, check_fused_consistent, check_group_fit
-from quantize.schemes import Scheme, matches
-
-# Files a checkpoint carries besides its weights and config, copied as they are.
-AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-             "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json")
-
+from core.schemes import Scheme, matches
 
 @dataclass
 class QuantizeReport:
@@ -52,16 +48,6 @@ class QuantizeReport:
         return dict(self.__dict__, qserve_version=qserve_version())
 
 
-def qserve_version() -> str:
-    """The installed qserve version ("unknown" when run from a source tree that is not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("qserve")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def meta_model(model_dir: Path) -> torch.nn.Module:
     """The architecture in ``model_dir``, built on the meta device: module names and shapes, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -69,13 +55,6 @@ def meta_model(model_dir: Path) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{model_dir} has no .safetensors weights; convert the checkpoint to safetensors first")
-    return files
 
 
 def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from quantize import numerics
-from quantize.schemes import QuantArgs
+from core import numerics
+from core.schemes import QuantArgs
 
 
 @dataclass(frozen=True)

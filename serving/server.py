@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Callable, Optional
 
-from exporters.models import cache_root, resolve_model
+from core.models import cache_root, resolve_model
 from serving.app import GatewaySettings, build_app
 from serving.config import GatewayConfig, build_backends
 from serving.keys import KeyRing

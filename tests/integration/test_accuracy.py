@@ -11,7 +11,7 @@ from accuracy.agreement import endpoint_agreement
 from accuracy.perplexity import endpoint_perplexity, text_windows
 from accuracy.task_runner import run_task
 from accuracy.tasks import load_task
-from loadtest.data import data_file
+from core.data import data_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

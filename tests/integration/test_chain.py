@@ -8,7 +8,7 @@ import re
 import httpx
 import pytest
 
-from loadtest.data import data_file
+from core.data import data_file
 from accuracy.perplexity import endpoint_perplexity
 from loadtest.profiles import Concurrency
 from loadtest.runner import LoadSettings, run_loadtest

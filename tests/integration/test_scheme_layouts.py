@@ -14,7 +14,7 @@ import signal
 import pytest
 import torch
 
-from loadtest.data import data_file
+from core.data import data_file
 from accuracy.perplexity import endpoint_perplexity, text_windows
 from tests.integration.conftest import run_qserve, start_gateway
 
@@ -55,7 +55,7 @@ def reference_perplexity(demo_model, ckpt) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from exporters.dequantize import checkpoint_scheme, dequantized_state_dict, read_tensors
-    from quantize import numerics
+    from core import numerics
 
     scheme = checkpoint_scheme(ckpt)
     model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32)

@@ -10,7 +10,7 @@ import pytest
 
 from accuracy import scoring
 from accuracy.tasks import TaskError, load_generic, load_task
-from loadtest.client import EndpointError
+from core.client import EndpointError
 from tests.fake_backend import running_app
 from tests.fake_scorer import logprob, make_fake_scorer
 
@@ -207,7 +207,7 @@ def test_hub_tasks_give_the_local_items_and_say_what_they_need(monkeypatch):
 
     from accuracy.hub_tasks import HUB, load_hub_task
 
-    from loadtest.data import data_file
+    from core.data import data_file
 
     local = load_task("arc_easy", limit=1).items[0]
     record = json.loads(data_file("arc_easy_test.jsonl").read_text().splitlines()[0])

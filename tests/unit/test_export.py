@@ -7,10 +7,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from exporters import compressed_tensors as ct
-from exporters.atomic import OutputExistsError, atomic_output_dir
-from exporters.shards import ShardWriter
+from core.atomic import OutputExistsError, atomic_output_dir
+from core.shards import ShardWriter
 from quantize.methods import quantize_weight
-from quantize.schemes import get_scheme
+from core.schemes import get_scheme
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -98,7 +98,7 @@ def test_dequantized_layout_is_a_plain_checkpoint(tiny, tmp_path):
     from exporters.convert import export_checkpoint
     from exporters.dequantize import dequantized_state_dict
     from quantize.pipeline import quantize_checkpoint
-    from quantize.schemes import get_scheme
+    from core.schemes import get_scheme
 
     quantize_checkpoint(tiny, get_scheme("w8a8"), "rtn", tmp_path / "ct", progress=False, log=lambda m: None)
     export_checkpoint(tmp_path / "ct", "dequantized", tmp_path / "plain", log=lambda m: None)
@@ -114,7 +114,7 @@ def test_inspect_reads_the_gptq_layout_too(tiny, tmp_path):
     from exporters.convert import export_checkpoint
     from exporters.inspect import inspect_checkpoint
     from quantize.pipeline import quantize_checkpoint
-    from quantize.schemes import get_scheme
+    from core.schemes import get_scheme
 
     quantize_checkpoint(tiny, get_scheme("w4a16"), "rtn", tmp_path / "ct", progress=False, log=lambda m: None)
     export_checkpoint(tmp_path / "ct", "gptq", tmp_path / "gptq", log=lambda m: None)

@@ -16,7 +16,7 @@ from exporters import awq, gptq
 from exporters.convert import export_checkpoint
 from exporters.dequantize import dequantized_state_dict, read_tensors
 from quantize.pipeline import quantize_checkpoint
-from quantize.schemes import QuantArgs, Scheme, SchemeError, get_scheme
+from core.schemes import QuantArgs, Scheme, SchemeError, get_scheme
 
 SHAPES = [(1, 8), (3, 8), (5, 576), (7, 13), (16, 40), (64, 1536)]
 SAMPLE = ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj")
@@ -182,7 +182,7 @@ def test_layouts_refuse_what_they_cannot_hold_before_writing(tiny, tmp_path, lay
 
 
 def test_export_refuses_an_unknown_layout_and_a_float_checkpoint(tiny, tmp_path):
-    from exporters.models import ModelError
+    from core.models import ModelError
 
     with pytest.raises(SchemeError, match="unknown layout 'marlin'; choose one of: compressed-tensors, gptq, awq"):
         export_checkpoint(_quantize(tiny, tmp_path, _w4()), "marlin", tmp_path / "out", **quiet)

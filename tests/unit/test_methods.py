@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantize import numerics
+from core import numerics
 from quantize.gptq import GPTQConfig, gptq_quantize
 from quantize.methods import MethodError, parse_recipe
-from quantize.schemes import QuantArgs
+from core.schemes import QuantArgs
 from quantize.transforms import awq_clip, awq_scales, fold_scales, smoothquant_scales, smoothquant_search
 
 W4G64 = QuantArgs(num_bits=4, strategy="group", group_size=64)

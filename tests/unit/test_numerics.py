@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from quantize import numerics
+from core import numerics
 from quantize.methods import MethodError, quantize_weight
-from quantize.schemes import QuantArgs
+from core.schemes import QuantArgs
 
 
 @pytest.fixture

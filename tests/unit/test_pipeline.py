@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from quantize import pipeline
 from quantize.pipeline import quantize_checkpoint
-from quantize.schemes import SchemeError, get_scheme
+from core.schemes import SchemeError, get_scheme
 from tests.unit.tiny import make_tiny_llama
 
 

@@ -13,7 +13,7 @@ from exporters.dequantize import dequantized_state_dict
 from quantize.calibration import CalibrationSpec
 from quantize.methods import MethodError
 from quantize.pipeline import QuantizeOptions, quantize_checkpoint
-from quantize.schemes import Scheme, SchemeError, get_scheme, parse_override
+from core.schemes import Scheme, SchemeError, get_scheme, parse_override
 from tests.unit.tiny import make_tiny_llama
 
 QUIET = {"progress": False, "log": lambda m: None}
@@ -110,7 +110,7 @@ def test_fp8_weights_decode_close_to_the_source(tiny, tmp_path):
 def test_missing_gpu_is_a_clear_error_before_any_work(tiny, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    from exporters.models import ModelError
+    from core.models import ModelError
 
     with pytest.raises(ModelError, match="no CUDA GPU"):
         quantize_checkpoint(tiny, get_scheme("w4a16"), "gptq", tmp_path / "out", progress=False, log=lambda m: None,

@@ -1,6 +1,6 @@
 import pytest
 
-from quantize.schemes import PRESETS, QuantArgs, Scheme, SchemeError, get_scheme
+from core.schemes import PRESETS, QuantArgs, Scheme, SchemeError, get_scheme
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from quantize.gptq import gptq_quantize
-from quantize.schemes import QuantArgs
+from core.schemes import QuantArgs
 from quantize.sequential import GROUPS, calibrate_staged, staged
 
 

@@ -20,7 +20,7 @@ def _add_tokenizer(path, vocab_size: int = 300):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from loadtest.data import data_file
+    from core.data import data_file
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

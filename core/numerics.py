@@ -7,9 +7,11 @@ for per-tensor) which is the layout compressed-tensors stores.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from quantize.schemes import QuantArgs
+from core.schemes import QuantArgs
 
 
 def _grouped(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
@@ -80,9 +82,15 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: Qua
     return q.to(torch.float8_e4m3fn if args.type == "float" else torch.int8)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """The float32 weights that grid values ``q`` stand for."""
-    g = _grouped(q.float() if args.type == "float" else q.to(torch.int32), args)
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs,
+               g_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The float32 weights that grid values ``q`` stand for; ``g_idx`` (the group of each input column, as
+    act-order checkpoints store it) replaces contiguous groups."""
+    values = q.float() if args.type == "float" else q.to(torch.int32)
+    if g_idx is not None:
+        groups = g_idx.long()
+        return ((values - zero[:, groups]).float() * scale[:, groups].float())
+    g = _grouped(values, args)
     return ((g - zero.unsqueeze(-1)).float() * scale.unsqueeze(-1)).reshape(q.shape)
 
 

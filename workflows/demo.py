@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from loadtest.data import data_file
+from core.data import data_file
 from accuracy.perplexity import endpoint_perplexity
 from loadtest.profiles import Concurrency
 from loadtest.runner import LoadSettings, run_loadtest
@@ -63,9 +63,9 @@ def measure_variant(name: str, model_dir: Path, port: int, out_dir: Path, window
 def run_demo(out_dir: Path, schemes: tuple[str, ...] = ("w8a8", "w4a16"), model: str = "smollm2-135m",
              port: int = 8300, windows: int = 20, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs the whole chain and writes ``demo.md`` and ``demo.json`` under ``out_dir``."""
-    from exporters.models import prepare_model
+    from core.models import prepare_model
     from quantize.pipeline import quantize_checkpoint
-    from quantize.schemes import get_scheme
+    from core.schemes import get_scheme
 
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from exporters.atomic import atomic_output_dir
+from core.atomic import atomic_output_dir
 
 
 class ModelError(ValueError):
