@@ -37,17 +37,25 @@ def compute_qparams(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, tor
     return _range_qparams(lo, hi, args)
 
 
+def stored_scale(scale: torch.Tensor, scale_dtype: Optional[str]) -> torch.Tensor:
+    """``scale`` (float32) as the checkpoint will store it: rounded to ``scale_dtype`` within its normal range
+    (so nothing becomes zero, subnormal or infinite there), returned as float32."""
+    dtype = getattr(torch, scale_dtype) if scale_dtype else torch.float32
+    info = torch.finfo(dtype)
+    smallest = max(info.tiny, torch.finfo(torch.float32).tiny * 1e6)  # all-zero rows stay finite
+    return scale.clamp(min=smallest, max=info.max).to(dtype).float()
+
+
 def _range_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point that map ``[lo, hi]`` onto the integer grid."""
+    """Scale (rounded to the stored dtype first) and zero point that map ``[lo, hi]`` onto the grid."""
     if args.symmetric:
         # Half the grid's width, not qmax: the convention of compressed-tensors and llm-compressor, which
         # uses the -2^(b-1) level (the positive extreme rounds to qmax, half a step short).
-        scale = torch.maximum(-lo, hi) / ((args.qmax - args.qmin) / 2)
-        zero = torch.zeros_like(scale, dtype=torch.int32)
-    else:  # int only: FP8 is symmetric
-        scale = (hi - lo) / (args.qmax - args.qmin)
-        zero = (args.qmin - torch.round(lo / scale.clamp(min=1e-12))).clamp(args.qmin, args.qmax).int()
-    scale = scale.clamp(min=torch.finfo(torch.float32).tiny * 1e6)  # all-zero rows stay finite
+        scale = stored_scale(torch.maximum(-lo, hi) / ((args.qmax - args.qmin) / 2), args.scale_dtype)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    # int only (FP8 is symmetric); the zero point follows the scale as stored
+    scale = stored_scale((hi - lo) / (args.qmax - args.qmin), args.scale_dtype)
+    zero = (args.qmin - torch.round(lo / scale)).clamp(args.qmin, args.qmax).int()
     return scale, zero
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 Strategy = Literal["tensor", "channel", "group", "token"]
 NumType = Literal["int", "float"]
 Observer = Literal["minmax", "mse"]
+SCALE_DTYPES = (None, "bfloat16", "float16", "float32")
 
 
 class SchemeError(ValueError):
@@ -32,6 +33,9 @@ class QuantArgs:
     group_size: Optional[int] = None
     dynamic: bool = False
     observer: Observer = "minmax"
+    # The dtype the checkpoint stores scales in ("bfloat16", "float16", "float32"); scales are rounded to it
+    # before the integers are computed, so what the engine decodes is what calibration used. None: float32.
+    scale_dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.observer not in ("minmax", "mse"):
@@ -46,6 +50,8 @@ class QuantArgs:
             raise SchemeError("float quantization is FP8 (E4M3): num_bits=8, symmetric")
         if self.type not in ("int", "float"):
             raise SchemeError(f"unknown number type {self.type!r}; choose int or float")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise SchemeError(f"scale_dtype {self.scale_dtype!r} is not one of {', '.join(map(str, SCALE_DTYPES))}")
 
     # The integer grid is signed for symmetric and asymmetric schemes alike (asymmetric ones carry a
     # zero point inside it), which is the convention compressed-tensors stores and vLLM reads.
@@ -138,6 +144,13 @@ class Scheme:
             ignore=tuple(data.get("ignore", ("lm_head",))),
             overrides=tuple(Override(tuple(o["targets"]), QuantArgs(**o["weights"])) for o in data.get("overrides", ())),
         )
+
+    def with_scale_dtype(self, dtype: Optional[str]) -> "Scheme":
+        """The same scheme with scales rounded to ``dtype`` (the checkpoint's) wherever they are computed."""
+        overrides = tuple(dataclasses.replace(o, weights=dataclasses.replace(o.weights, scale_dtype=dtype))
+                          for o in self.overrides)
+        return dataclasses.replace(self, weights=dataclasses.replace(self.weights, scale_dtype=dtype),
+                                   overrides=overrides)
 
     def with_group_size(self, group_size: int) -> "Scheme":
         """The same scheme with grouped weights of ``group_size`` columns."""

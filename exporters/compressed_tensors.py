@@ -37,7 +37,9 @@ def format_for(scheme: Scheme) -> str:
 def layer_tensors(prefix: str, qw: QuantizedWeight, scheme: Scheme, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The stored tensors of one quantized linear layer named ``prefix`` (without ``.weight``)."""
     args = qw.args
-    out: dict[str, torch.Tensor] = {f"{prefix}.weight_scale": qw.scale.to(dtype)}
+    # scales were rounded to args.scale_dtype when computed: the cast is exact
+    scale_dtype = getattr(torch, args.scale_dtype) if args.scale_dtype else dtype
+    out: dict[str, torch.Tensor] = {f"{prefix}.weight_scale": qw.scale.to(scale_dtype)}
     packed = format_for(scheme) == "pack-quantized"
     if not args.symmetric:  # pack-quantized packs zero points too, along the output dimension
         zero = qw.zero.to(torch.int8)
@@ -54,7 +56,8 @@ def layer_tensors(prefix: str, qw: QuantizedWeight, scheme: Scheme, dtype: torch
 
 def _args_config(args: QuantArgs) -> dict[str, Any]:
     cfg = args.to_dict()
-    cfg.update(observer=None if args.dynamic else "minmax", actorder=None, block_structure=None)
+    # scale_dtype stays out: the stored tensors say it, and vLLM reads the field only for MX formats
+    cfg.update(observer=None if args.dynamic else "minmax", actorder=None, block_structure=None, scale_dtype=None)
     return cfg
 
 

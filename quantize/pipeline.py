@@ -77,6 +77,21 @@ def _tensor_shapes(files: list[Path]) -> dict[str, list[int]]:
     return shapes
 
 
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def _scale_dtype(files: list[Path], weights: list[str]) -> str:
+    """The dtype the target weights are stored in, which their scales are stored (and so rounded) in;
+    float32 when they differ."""
+    from safetensors import safe_open
+
+    found = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            found.update(f.get_slice(k).get_dtype() for k in f.keys() if k in weights)
+    return _SAFETENSORS_DTYPES.get(found.pop(), "float32") if len(found) == 1 else "float32"
+
+
 def _sha256_files(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:
@@ -194,6 +209,7 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
     if options.auto_group_size:
         scheme, chosen = auto_group_sizes(scheme, targets, shapes)
         log(chosen)
+    scheme = scheme.with_scale_dtype(_scale_dtype(files, {f"{n}.weight" for n in targets}))
     check_group_fit(scheme, targets, shapes)
     check_fused_consistent(scheme, targets)
     _check_device(options.device)
