@@ -22,8 +22,7 @@ from quantize.methods import Recipe, quantize_weight
 from core.schemes import QuantArgs, Scheme
 from quantize.sequential import GROUPS, calibrate_staged, staged
 from quantize.stats import Stats, StopLayer
-from quantize.transforms import (LLAMA_MAPPINGS, awq_clip, awq_scales, fold_scales, smoothquant_scales,
-                                 smoothquant_search)
+from quantize.folding import Folded, apply_transforms, check_family_modules, family_of
 
 BATCH = 4  # samples per forward: 8 gave the same speed with ~400 MiB more peak RSS (allocator high water)
 AWQ_SAMPLE_TOKENS = 4096
@@ -99,8 +98,8 @@ def _collect(layer: torch.nn.Module, shell: "_Layers", stats: Stats) -> Stats:
 
 
 def check_mappings(model: torch.nn.Module, recipe: Recipe) -> None:
-    """Fails before any work when the model has no Llama-style decoder layers (``model.layers.N``), which the
-    layer-by-layer pipeline walks, or when a transform cannot find the modules it rescales."""
+    """Fails before any work when the model has no decoder layers at ``model.layers.N`` (which the
+    layer-by-layer pipeline walks), or when the recipe's transforms cannot fold into this architecture."""
     from quantize.methods import MethodError
 
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -108,47 +107,9 @@ def check_mappings(model: torch.nn.Module, recipe: Recipe) -> None:
         raise MethodError(f"{recipe.name} calibrates layer by layer and needs decoder layers at model.layers.N "
                           f"(Llama, Mistral, Qwen2 and kin); {type(model).__name__} has none. "
                           f"Round-to-nearest (--method rtn) works on any architecture")
-    if not recipe.transforms:
-        return
-    names = dict(layers[0].named_modules())
-    missing = [m for mp in LLAMA_MAPPINGS for m in (mp.smooth, *mp.balance) if m not in names]
-    if missing:
-        raise MethodError(f"{'+'.join(recipe.transforms)} cannot apply to this architecture: no modules named "
-                          f"{', '.join(missing)} in its decoder layer (known layout: Llama/Mistral/Qwen2)")
-
-
-@torch.no_grad()
-def _transform(layer: torch.nn.Module, stats: Stats, recipe: Recipe, args: dict[str, QuantArgs],
-               alpha: Optional[float], smooth_linears: bool = False, act_args: Optional[QuantArgs] = None,
-               report: Optional[LayerReport] = None) -> None:
-    """Applies the recipe's transforms to each mapping of the layer; ``alpha`` None searches SmoothQuant's
-    migration strength per mapping (the choice goes in the report)."""
-    modules = dict(layer.named_modules())
-    for mapping in LLAMA_MAPPINGS:
-        smooth, balance = modules[mapping.smooth], [modules[b] for b in mapping.balance]
-        if isinstance(smooth, torch.nn.Linear) and smooth.out_features != balance[0].in_features:
-            continue  # e.g. v_proj -> o_proj under grouped-query attention: shapes do not line up
-        first = mapping.balance[0]
-        if any(b not in args for b in mapping.balance):
-            continue  # a balance layer is not quantized (ignored): nothing to protect
-        # SmoothQuant proper (and LLMC, llm-compressor) folds into norms only; ``smooth_linears`` also folds
-        # into a linear feeding another (up_proj -> down_proj), as lmquant does
-        if "smoothquant" in recipe.transforms and (smooth_linears or not isinstance(smooth, torch.nn.Linear)):
-            weights = [b.weight for b in balance]
-            if alpha is None:
-                s, chosen = smoothquant_search(stats.samples_of(first), stats.absmax[first], weights, args[first], act_args)
-            else:
-                s, chosen = smoothquant_scales(stats.absmax[first], weights, alpha), alpha
-            if report is not None:
-                report.smoothquant_alpha[first] = chosen
-            fold_scales(smooth, balance, s)
-            stats.absmax[first] = stats.absmax[first] / s
-        if "awq" in recipe.transforms:
-            x = stats.samples_of(first)
-            s = awq_scales(x, [b.weight for b in balance], args[first])
-            fold_scales(smooth, balance, s)
-            for name, b in zip(mapping.balance, balance):
-                b.weight.copy_(awq_clip(x / s, b.weight, args[name]))
+    family = family_of(model.config, recipe)
+    if family is not None:
+        check_family_modules(family, layers[0])
 
 
 def _sample_tokens(recipe: Recipe, alpha: Optional[float]) -> int:
@@ -233,10 +194,14 @@ def _quantize_rows(names: list[str], targets: dict[str, torch.nn.Linear], args: 
     return parts
 
 
-def _report_linear(name: str, weight: torch.Tensor, new_weight: torch.Tensor, stats: Stats,
+def _report_linear(name: str, weight: torch.Tensor, new_weight: torch.Tensor, stats: Stats, folded: Folded,
                    report: LayerReport) -> None:
+    """Output error of the quantized linear against the original float one, on the same inputs: against the
+    weights before AWQ's clipping, with outputs mapped back where a transform divided the linear's rows."""
     x = stats.samples_of(name)[:REPORT_TOKENS]
-    ref_out, q_out = x @ weight.T, x @ new_weight.T
+    ref_out, q_out = x @ folded.reference.get(name, weight).T, x @ new_weight.T
+    if name in folded.out_scale:
+        ref_out, q_out = ref_out * folded.out_scale[name], q_out * folded.out_scale[name]
     report.output_cosine[name] = float(torch.nn.functional.cosine_similarity(ref_out.flatten(), q_out.flatten(), dim=0))
     report.output_rel_error[name] = float((q_out - ref_out).norm() / ref_out.norm().clamp(min=1e-12))
     report.weight_kurtosis[name] = _kurtosis(weight)
@@ -244,7 +209,8 @@ def _report_linear(name: str, weight: torch.Tensor, new_weight: torch.Tensor, st
 
 
 def _quantize_group(names: tuple[str, ...], targets: dict[str, torch.nn.Linear], args: dict[str, QuantArgs],
-                    stats: Stats, recipe: Recipe, gptq_config: Any, report: LayerReport) -> dict[str, QuantizedWeight]:
+                    stats: Stats, recipe: Recipe, gptq_config: Any, folded: Folded,
+                    report: LayerReport) -> dict[str, QuantizedWeight]:
     """Quantizes the targets among ``names`` in place (each weight becomes its dequantized value) and fills
     their report rows; per-channel or grouped linears that share inputs and args are stacked."""
     runs: dict[Any, list[str]] = {}
@@ -256,7 +222,7 @@ def _quantize_group(names: tuple[str, ...], targets: dict[str, torch.nn.Linear],
         for name, qw in _quantize_rows(run, targets, args[run[0]], stats, recipe, gptq_config).items():
             linear = targets[name]
             new_weight = qw.dequantize()
-            _report_linear(name, linear.weight.detach().float(), new_weight, stats, report)
+            _report_linear(name, linear.weight.detach().float(), new_weight, stats, folded, report)
             if qw.dampening is not None:
                 report.dampening[name] = qw.dampening
             linear.weight.data = new_weight.to(linear.weight.dtype)
@@ -277,7 +243,7 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
                       ) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, QuantizedWeight], LayerReport]]:
     """Yields, per decoder layer, its float tensors (transformed), its quantized linears (on the CPU, with
     ``input_scale`` set for static activation schemes) and a report."""
-    device = torch.device(device)
+    device, family = torch.device(device), family_of(config, recipe)
     shell = _catch_inputs(embed, config, samples, device)
     del embed  # the caller may drop its reference too: nothing here needs the embedding again
     release_freed_memory()
@@ -291,17 +257,19 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
         del state
         targets = {n: m for n, m in _linears(layer).items() if is_target(prefix + n)}
         args = {n: scheme.weights_for(prefix + n) for n in targets}
-        if recipe.transforms:
+        folded = Folded()
+        if family is not None:
             stats = _collect(layer, shell, _stats(shell, hessian=False, absmax="smoothquant" in recipe.transforms,
                                                   sample_tokens=_sample_tokens(recipe, alpha)))
             report.input_kurtosis_before = {n: _kurtosis(stats.samples_of(n)) for n in targets}
             report.weight_kurtosis_before = {n: _kurtosis(m.weight) for n, m in targets.items()}
-            _transform(layer, stats, recipe, args, alpha, smooth_linears, scheme.input_activations, report)
+            folded = apply_transforms(layer, family, stats, recipe, args, alpha, smooth_linears,
+                                      scheme.input_activations, report.smoothquant_alpha.__setitem__)
         stats = _stats(shell, hessian=recipe.quantizer == "gptq", absmax=scheme.static_activations)
         quantized: dict[str, QuantizedWeight] = {}
 
         def quantize_group(names: tuple[str, ...]) -> None:
-            for name, qw in _quantize_group(names, targets, args, stats, recipe, gptq_config, report).items():
+            for name, qw in _quantize_group(names, targets, args, stats, recipe, gptq_config, folded, report).items():
                 scale = _input_scale(stats, name, scheme.input_activations) if scheme.static_activations else None
                 quantized[prefix + name] = qw.to_cpu(input_scale=scale)
 

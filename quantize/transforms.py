@@ -7,29 +7,13 @@ so the float model computes the same function.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Optional
 
 import torch
 
 from core import numerics
 from core.schemes import QuantArgs
-
-
-@dataclass(frozen=True)
-class Mapping:
-    """``smooth`` produces the input of every linear in ``balance`` (names relative to a decoder layer)."""
-
-    smooth: str
-    balance: tuple[str, ...]
-
-
-LLAMA_MAPPINGS = (
-    Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    Mapping("self_attn.v_proj", ("self_attn.o_proj",)),
-    Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    Mapping("mlp.up_proj", ("mlp.down_proj",)),
-)
 
 
 def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -118,15 +102,17 @@ def awq_clip(x: torch.Tensor, weight: torch.Tensor, args: QuantArgs, grid: int =
 
 
 @torch.no_grad()
-def fold_scales(smooth: torch.nn.Module, balance: list[torch.nn.Linear], s: torch.Tensor) -> None:
-    """Divides ``smooth``'s output channels by ``s`` and multiplies the balance layers' inputs by ``s``."""
+def fold_scales(smooth: torch.nn.Module, balance: list[torch.nn.Linear], s: torch.Tensor,
+                norm_offset: float = 0.0) -> None:
+    """Divides ``smooth``'s output channels by ``s`` and multiplies the balance layers' inputs by ``s``. A norm
+    scales by ``offset + w`` (offset 0 for Llama's RMSNorm, 1 for Gemma's), so its ``w`` becomes
+    ``(offset + w) / s - offset``."""
     if isinstance(smooth, torch.nn.Linear):
         smooth.weight.div_(s.unsqueeze(1).to(smooth.weight.dtype))
-        if smooth.bias is not None:
-            smooth.bias.div_(s.to(smooth.bias.dtype))
-    else:  # a norm with a per-channel weight
-        smooth.weight.div_(s.to(smooth.weight.dtype))
-        if getattr(smooth, "bias", None) is not None:
-            smooth.bias.div_(s.to(smooth.bias.dtype))
+    else:  # a norm with a per-channel weight, computed in float32 before it is stored back
+        w = smooth.weight.float()
+        smooth.weight.copy_(((norm_offset + w) / s - norm_offset).to(smooth.weight.dtype))
+    if getattr(smooth, "bias", None) is not None:
+        smooth.bias.div_(s.to(smooth.bias.dtype))
     for linear in balance:
         linear.weight.mul_(s.unsqueeze(0).to(linear.weight.dtype))

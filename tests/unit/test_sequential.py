@@ -92,7 +92,7 @@ def test_stacked_rows_quantize_as_one_by_one():
 
 
 def test_smooth_linears_folds_up_proj_into_down_proj_and_keeps_the_layer_function():
-    from quantize.layerwise import _transform
+    from quantize.folding import LLAMA, apply_transforms
     from quantize.methods import parse_recipe
 
     _config, layer, inputs = _layer_and_inputs(batches=1)
@@ -103,15 +103,16 @@ def test_smooth_linears_folds_up_proj_into_down_proj_and_keeps_the_layer_functio
         handles = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.__setitem__(n, a[0].reshape(-1, a[0].shape[-1])))
                    for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
         before = layer(hidden, **kwargs)
-        down_in = seen["mlp.down_proj"]
-        stats = SimpleNamespace(absmax={n: x.abs().amax(dim=0) for n, x in seen.items()})
+        down_in = seen["mlp.down_proj"].clone()
+        stats = SimpleNamespace(absmax={n: x.abs().amax(dim=0) for n, x in seen.items()},
+                                samples_of=lambda n: seen[n])
         for handle in handles:
             handle.remove()
         args = {n: QuantArgs(num_bits=8, strategy="channel") for n in seen}
         down_before = layer.mlp.down_proj.weight.clone()
-        _transform(layer, stats, parse_recipe("smoothquant"), args, alpha=0.5)
+        apply_transforms(layer, LLAMA, stats, parse_recipe("smoothquant"), args, alpha=0.5)
         assert torch.equal(layer.mlp.down_proj.weight, down_before)  # norms only, by default
-        _transform(layer, stats, parse_recipe("smoothquant"), args, alpha=0.5, smooth_linears=True)
+        apply_transforms(layer, LLAMA, stats, parse_recipe("smoothquant"), args, alpha=0.5, smooth_linears=True)
         after = layer(hidden, **kwargs)
         spread = lambda x: float(x.abs().amax(dim=0).max() / x.abs().amax(dim=0).median())  # noqa: E731
         assert torch.allclose(after, before, atol=1e-4)
