@@ -36,7 +36,7 @@ def _inverse_hessian_chol(h: torch.Tensor, damp: float, retries: int) -> tuple[t
             return torch.linalg.cholesky(hinv, upper=True), damp
         except torch.linalg.LinAlgError:
             damp = damp * 10 if damp > 0 else 1e-4
-    raise torch.linalg.LinAlgError(f"Hessian not positive definite even with dampening {damp / 10:g}")
+    raise torch.linalg.LinAlgError(f"not positive definite even with dampening {damp / 10:g}")
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs,

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from core.quantized import QuantizedWeight
-from quantize.methods import Recipe, quantize_weight
+from quantize.methods import MethodError, Recipe, quantize_weight
 from core.schemes import QuantArgs, Scheme
 from quantize.sequential import GROUPS, calibrate_staged, staged
 from quantize.stats import Stats, StopLayer
@@ -100,8 +100,6 @@ def _collect(layer: torch.nn.Module, shell: "_Layers", stats: Stats) -> Stats:
 def check_mappings(model: torch.nn.Module, recipe: Recipe) -> None:
     """Fails before any work when the model has no decoder layers at ``model.layers.N`` (which the
     layer-by-layer pipeline walks), or when the recipe's transforms cannot fold into this architecture."""
-    from quantize.methods import MethodError
-
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
         raise MethodError(f"{recipe.name} calibrates layer by layer and needs decoder layers at model.layers.N "
@@ -269,7 +267,13 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
         quantized: dict[str, QuantizedWeight] = {}
 
         def quantize_group(names: tuple[str, ...]) -> None:
-            for name, qw in _quantize_group(names, targets, args, stats, recipe, gptq_config, folded, report).items():
+            try:
+                group = _quantize_group(names, targets, args, stats, recipe, gptq_config, folded, report)
+            except torch.linalg.LinAlgError as exc:
+                raise MethodError(f"GPTQ cannot use the calibration Hessian of {prefix}{'/'.join(names)} ({exc}); "
+                                  f"try more or longer calibration samples (--num-samples, --calib-seq-len), a "
+                                  f"larger --dampening (e.g. 0.1), or --method rtn") from None
+            for name, qw in group.items():
                 scale = _input_scale(stats, name, scheme.input_activations) if scheme.static_activations else None
                 quantized[prefix + name] = qw.to_cpu(input_scale=scale)
 

@@ -138,7 +138,7 @@ def _write_streamed(files: list[Path], targets: dict[str, str], scheme: Scheme, 
 
 def _write_calibrated(model_dir: Path, files: list[Path], targets: dict[str, str], scheme: Scheme, recipe: Recipe,
                       writer: ShardWriter, samples: torch.Tensor, options: "QuantizeOptions",
-                      progress: bool) -> list[dict]:
+                      progress: bool, log: Callable[[str], None]) -> list[dict]:
     """Transforms and calibrated quantizers: one decoder layer at a time (see ``quantize.layerwise``)."""
     from dataclasses import asdict
 
@@ -166,7 +166,19 @@ def _write_calibrated(model_dir: Path, files: list[Path], targets: dict[str, str
         for name, qw in quantized.items():
             writer.add(compressed_tensors.layer_tensors(name, qw, scheme, dtype))
         reports.append(asdict(report))
+    _log_raised_dampening(reports, options.gptq.dampening, log)
     return reports
+
+
+def _log_raised_dampening(reports: list[dict], asked: float, log: Callable[[str], None], shown: int = 6) -> None:
+    """Says which linears GPTQ had to damp more than asked (a Hessian that did not factor): past a few
+    tenfold raises GPTQ is close to round-to-nearest there."""
+    raised = [(f"model.layers.{r['index']}.{name}", d) for r in reports for name, d in r["dampening"].items()
+              if d > asked]
+    if raised:
+        listed = ", ".join(f"{name} {d:g}" for name, d in raised[:shown])
+        more = f" and {len(raised) - shown} more (quantization_report.json)" if len(raised) > shown else ""
+        log(f"GPTQ raised dampening above {asked:g} where the Hessian did not factor: {listed}{more}")
 
 
 def _check_device(device: str) -> None:
@@ -232,7 +244,7 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
         writer = ShardWriter(tmp)
         if needs_calibration:
             layer_reports = _write_calibrated(model_dir, files, target_weights, scheme, recipe, writer, samples,
-                                              options, progress)
+                                              options, progress, log)
         else:
             layer_reports = _write_streamed(files, target_weights, scheme, recipe, writer, progress)
         writer.close()
