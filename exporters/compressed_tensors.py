@@ -9,7 +9,7 @@ are name patterns, which vLLM matches before the class-name group.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
@@ -20,7 +20,8 @@ from core.schemes import Override, QuantArgs, Scheme
 
 MARKER = ".weight_scale"
 # Tensors a quantized linear stores; they are decoded or rewritten, never copied as they are.
-STORED_SUFFIXES = (".weight_packed", ".weight_shape", ".weight_zero_point", ".input_scale", ".weight_scale", ".weight")
+STORED_SUFFIXES = (".weight_packed", ".weight_shape", ".weight_zero_point", ".input_scale", ".weight_scale",
+                   ".weight_g_idx", ".weight")
 
 
 def check_fits(scheme: Scheme) -> None:
@@ -117,4 +118,18 @@ def read_quantized(raw: dict[str, torch.Tensor], prefix: str, args: QuantArgs) -
         zero = torch.zeros_like(scale, dtype=torch.int32)
     elif packed:
         zero = unpack_from_int32(zero, args.num_bits, scale.shape, packed_dim=0)
-    return QuantizedWeight(q, scale, zero.to(torch.int32), args, input_scale=raw.get(f"{prefix}.input_scale"))
+    return QuantizedWeight(q, scale, zero.to(torch.int32), args, input_scale=raw.get(f"{prefix}.input_scale"),
+                           g_idx=_group_index(raw.get(f"{prefix}.weight_g_idx"), args, q.shape[1]))
+
+
+def _group_index(g_idx: Optional[torch.Tensor], args: QuantArgs, columns: int) -> Optional[torch.Tensor]:
+    """The group of each input column as stored (``actorder: group``), or None when groups are contiguous."""
+    if g_idx is None or args.strategy != "group":
+        return None
+    g_idx = g_idx.to(torch.int64)
+    return None if torch.equal(g_idx, torch.arange(columns) // args.group_size) else g_idx
+
+
+def has_group_index(quant_config: dict[str, Any]) -> bool:
+    """Whether the config declares act-order groups (``actorder: group``): linears carry ``weight_g_idx``."""
+    return any((g.get("weights") or {}).get("actorder") == "group" for g in quant_config.get("config_groups", {}).values())

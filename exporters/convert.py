@@ -23,6 +23,7 @@ from exporters.layouts import LAYOUTS, Layout
 from core.models import ModelError
 from core.shards import ShardWriter
 from core.checkpoint import AUX_FILES, qserve_version
+from exporters.compressed_tensors import has_group_index
 from core.schemes import Scheme, SchemeError
 
 DEQUANTIZED = "dequantized"
@@ -50,6 +51,9 @@ def export_checkpoint(src: Path, layout: str, out_dir: Path, force: bool = False
     source, scheme = checkpoint_layout(src)
     target = _target(layout, source, scheme, src)
     config = json.loads((src / "config.json").read_text())
+    if target is not None and has_group_index(config["quantization_config"]):
+        raise SchemeError(f"{src} stores act-order groups (actorder: group, a weight_g_idx per linear), which qserve "
+                          f"does not rewrite; serve it as it is, or export --layout {DEQUANTIZED}")
     dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     where = tensor_locations(src)
     prefixes = quantized_prefixes(list(where), source)
