@@ -16,7 +16,7 @@ from typing import Any, Optional
 from accuracy.perplexity import score_windows, text_windows
 from core.checkpoint import load_tokenizer
 from accuracy.scoring import token_agreement
-from core.client import EndpointError
+from core.client import EndpointError, resolve_api_key
 
 
 def compare_scores(base: list, other: list) -> dict[str, Any]:
@@ -37,12 +37,17 @@ def compare_scores(base: list, other: list) -> dict[str, Any]:
 
 def endpoint_agreement(url: str, baseline_url: str, text_file: Path, tokenizer: str, model: Optional[str] = None,
                        baseline_model: Optional[str] = None, seq_len: int = 512, max_windows: Optional[int] = 8,
-                       top_k: int = 10, progress: bool = True) -> dict[str, Any]:
-    """Agreement of the model at ``url`` with the one at ``baseline_url`` over ``text_file``."""
+                       top_k: int = 10, progress: bool = True, api_key: Optional[str] = None,
+                       baseline_api_key: Optional[str] = None) -> dict[str, Any]:
+    """Agreement of the model at ``url`` with the one at ``baseline_url`` over ``text_file``; ``api_key``
+    defaults to ``$OPENAI_API_KEY``, ``baseline_api_key`` to ``api_key``."""
+    key = resolve_api_key(api_key)
+    base_key = key if baseline_api_key is None else resolve_api_key(baseline_api_key)
     text = Path(text_file).read_text(encoding="utf-8", errors="replace")
     windows, _ = text_windows(text, load_tokenizer(tokenizer), seq_len, max_windows)
     start = time.perf_counter()
-    baseline_model, base = asyncio.run(score_windows(baseline_url, baseline_model, windows, 1, top_k, progress))
-    model, other = asyncio.run(score_windows(url, model, windows, 1, top_k, progress))
+    baseline_model, base = asyncio.run(score_windows(baseline_url, baseline_model, windows, 1, top_k, progress,
+                                                               base_key))
+    model, other = asyncio.run(score_windows(url, model, windows, 1, top_k, progress, key))
     return {"model": model, "baseline_model": baseline_model, "windows": len(windows), "seq_len": seq_len,
             "top_k": top_k, **compare_scores(base, other), "wall_s": time.perf_counter() - start}

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import httpx
 
-from core.client import EndpointError, error_text
+from core.client import EndpointError, auth_error, error_text, sent_key
 
 
 @dataclass
@@ -36,12 +36,21 @@ def _explain(status: int, text: str, top_k: int) -> str:
     return "see its answer above"
 
 
+def _raise_for_auth(client: httpx.AsyncClient, url: str, resp: httpx.Response) -> None:
+    """A 401/403 says how to pass the key, whatever the route (some servers list models without a key)."""
+    refused = auth_error(url, resp.status_code, error_text(resp.status_code, resp.content),
+                         sent_key(client))
+    if refused:
+        raise refused
+
+
 async def score_prompt(client: httpx.AsyncClient, url: str, model: str, ids: Sequence[int],
                        top_k: int = 1) -> PromptScores:
     """Log-probabilities the served model gives each token of ``ids`` after the first."""
     payload: dict[str, Any] = {"model": model, "prompt": list(ids), "max_tokens": 0, "echo": True,
                                "logprobs": max(top_k, 1), "temperature": 0.0, "return_tokens_as_token_ids": True}
     resp = await client.post(f"{url}/v1/completions", json=payload)
+    _raise_for_auth(client, f"{url}/v1/completions", resp)
     if resp.status_code != 200:
         message = error_text(resp.status_code, resp.content)
         raise EndpointError(f"{url}/v1/completions answered {message}; {_explain(resp.status_code, message, top_k)}")
@@ -63,6 +72,7 @@ async def chat_answer(client: httpx.AsyncClient, url: str, model: str, question:
     payload = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
                "temperature": 0.0}
     resp = await client.post(f"{url}/v1/chat/completions", json=payload)
+    _raise_for_auth(client, f"{url}/v1/chat/completions", resp)
     if resp.status_code != 200:
         message = error_text(resp.status_code, resp.content)
         hint = ("generation tasks need /v1/chat/completions and a chat template in the checkpoint"

@@ -19,7 +19,8 @@ import httpx
 from accuracy.client import PromptScores, score_prompt
 from accuracy.scoring import Window, perplexity_figures, rolling_windows
 from core.checkpoint import load_tokenizer
-from core.client import EndpointError, base_url, check_endpoint
+from core.client import EndpointError, auth_headers, base_url, check_endpoint, resolve_api_key
+from core.progress import finish, progress as progress_bar
 
 T = TypeVar("T")
 
@@ -45,10 +46,8 @@ def text_windows(text: str, tokenizer, seq_len: int, max_windows: Optional[int])
 async def gather_limited(jobs: Sequence[Callable[[], Awaitable[T]]], concurrency: int, label: str,
                          progress: bool) -> list[T]:
     """Runs the jobs with at most ``concurrency`` at once, in order of results, with a progress bar."""
-    from tqdm import tqdm
-
     sem = asyncio.Semaphore(max(concurrency, 1))
-    bar = tqdm(total=len(jobs), desc=label, disable=not progress)
+    bar = progress_bar(total=len(jobs), desc=label, disable=not progress)
 
     async def one(job: Callable[[], Awaitable[T]]) -> T:
         async with sem:
@@ -57,21 +56,25 @@ async def gather_limited(jobs: Sequence[Callable[[], Awaitable[T]]], concurrency
             return result
 
     try:
-        return await asyncio.gather(*(one(j) for j in jobs))
-    finally:
-        bar.close()
+        results = await asyncio.gather(*(one(j) for j in jobs))
+    except BaseException:
+        finish(bar, failed=True)
+        raise
+    finish(bar)
+    return results
 
 
-def client_for(url: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0),
+def client_for(url: str, api_key: str = "") -> httpx.AsyncClient:
+    """The evaluation client: long timeouts, many connections, the key sent with every request."""
+    return httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0), headers=auth_headers(api_key),
                              limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
 
 
 async def score_windows(url: str, model: Optional[str], windows: Sequence[Window], concurrency: int,
-                        top_k: int = 1, progress: bool = False) -> tuple[str, list[PromptScores]]:
+                        top_k: int = 1, progress: bool = False, api_key: str = "") -> tuple[str, list[PromptScores]]:
     """The served model's scores of each window; returns the model name used too."""
     url = base_url(url)
-    async with client_for(url) as client:
+    async with client_for(url, api_key) as client:
         model = await check_endpoint(client, url, model)
         jobs = [lambda w=w: score_prompt(client, url, model, w.ids, top_k) for w in windows]
         return model, await gather_limited(jobs, concurrency, "windows", progress)
@@ -79,16 +82,17 @@ async def score_windows(url: str, model: Optional[str], windows: Sequence[Window
 
 def endpoint_perplexity(url: str, text_file: Path, tokenizer: Any, model: Optional[str] = None,
                         seq_len: int = 1024, max_windows: Optional[int] = None, concurrency: int = 4,
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True, api_key: Optional[str] = None) -> dict[str, Any]:
     """Token and word perplexity and bits per byte of the served model over ``text_file``; ``tokenizer`` is
-    a loaded tokenizer or where to load one from."""
+    a loaded tokenizer or where to load one from; ``api_key`` defaults to ``$OPENAI_API_KEY``."""
     text = Path(text_file).read_text(encoding="utf-8", errors="replace")
     tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     windows, covered = text_windows(text, tokenizer, seq_len, max_windows)
     if not windows:
         raise EndpointError(f"{text_file} holds no tokens to score")
     start = time.perf_counter()
-    model, scored = asyncio.run(score_windows(url, model, windows, concurrency, progress=progress))
+    model, scored = asyncio.run(score_windows(url, model, windows, concurrency, progress=progress,
+                                              api_key=resolve_api_key(api_key)))
     figures = perplexity_figures([lp for s in scored for lp in s.logprobs], covered)
     return {"model": model, "url": base_url(url), "text_file": str(text_file), "windows": len(windows),
             "seq_len": seq_len, "concurrency": concurrency, "tokens_scored": figures.tokens,

@@ -5,7 +5,7 @@ schema version) and Markdown.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -15,8 +15,15 @@ PERPLEXITY_TASK = "wikitext"
 
 @dataclass(frozen=True)
 class Endpoint:
+    """A served model: its URL, the name clients send (None: the first served) and the API key to send
+    (None: ``$OPENAI_API_KEY``; for a baseline, the candidate's key). The key stays out of reports."""
+
     url: str
     model: Optional[str] = None
+    api_key: Optional[str] = field(default=None, repr=False)
+
+    def described(self) -> dict[str, Any]:
+        return {"url": self.url, "model": self.model}
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,7 @@ def _load_tasks(settings: EvalSettings) -> dict[str, Any]:
 
 
 def _evaluate_one(endpoint: Endpoint, tokenizer_source: str, tasks: dict[str, Any], settings: EvalSettings,
-                  log: Callable[[str], None]) -> dict[str, Any]:
+                  log: Callable[[str], None], api_key: str) -> dict[str, Any]:
     from accuracy.perplexity import endpoint_perplexity
     from core.checkpoint import load_tokenizer
     from accuracy.task_runner import run_task
@@ -59,14 +66,14 @@ def _evaluate_one(endpoint: Endpoint, tokenizer_source: str, tasks: dict[str, An
         if task is None:
             result = endpoint_perplexity(endpoint.url, settings.text_file or data_file("wikitext2-test.raw"),
                                          tokenizer, endpoint.model, settings.seq_len, settings.max_windows,
-                                         settings.concurrency, settings.progress)
+                                         settings.concurrency, settings.progress, api_key)
             log(f"[{result['model']}] wikitext: token ppl {result['token_perplexity']:.3f}, word ppl "
                 f"{result['word_perplexity']:.3f}, {result['bits_per_byte']:.4f} bits/byte "
                 f"({result['tokens']:,} tokens, {result['wall_s']:.0f} s)")
             results[PERPLEXITY_TASK] = result
         else:
             result = run_task(endpoint.url, endpoint.model, tokenizer, task, settings.concurrency,
-                              settings.max_tokens, settings.progress)
+                              settings.max_tokens, settings.progress, api_key)
             shown = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items() if not k.endswith("_stderr"))
             log(f"[{result['model']}] {task.name}: {shown} ({result['items']} items, {result['wall_s']:.0f} s)")
             results[task.name] = result
@@ -89,21 +96,25 @@ def deltas(results: dict[str, Any], baseline: dict[str, Any]) -> dict[str, dict[
 def evaluate_endpoint(settings: EvalSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluates ``settings.endpoint`` (and the baseline, with deltas and agreement, when given)."""
     from accuracy.agreement import endpoint_agreement
+    from core.client import resolve_api_key
     from core.data import data_file
 
     tasks = _load_tasks(settings)
-    report: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "endpoint": settings.endpoint.__dict__,
-                              "results": _evaluate_one(settings.endpoint, settings.tokenizer, tasks, settings, log)}
+    key = resolve_api_key(settings.endpoint.api_key)
+    report: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "endpoint": settings.endpoint.described(),
+                              "results": _evaluate_one(settings.endpoint, settings.tokenizer, tasks, settings, log,
+                                                       key)}
     if settings.baseline:
-        report["baseline"] = settings.baseline.__dict__
+        base_key = key if settings.baseline.api_key is None else resolve_api_key(settings.baseline.api_key)
+        report["baseline"] = settings.baseline.described()
         report["baseline_results"] = _evaluate_one(settings.baseline, settings.baseline_tokenizer or settings.tokenizer,
-                                                   tasks, settings, log)
+                                                   tasks, settings, log, base_key)
         report["deltas"] = deltas(report["results"], report["baseline_results"])
         agreement = endpoint_agreement(settings.endpoint.url, settings.baseline.url,
                                        settings.text_file or data_file("wikitext2-test.raw"), settings.tokenizer,
                                        settings.endpoint.model, settings.baseline.model,
                                        max_windows=settings.agreement_windows, top_k=settings.top_k,
-                                       progress=settings.progress)
+                                       progress=settings.progress, api_key=key, baseline_api_key=base_key)
         report["agreement"] = agreement
         log(f"agreement with the baseline: top-1 {agreement['top1_agreement']:.2%}, mean KL "
             f"{agreement['mean_kl']:.5f} over {agreement['positions']:,} positions")

@@ -17,7 +17,7 @@ from accuracy.client import chat_answer, score_prompt
 from accuracy.perplexity import client_for, gather_limited
 from accuracy.scoring import choice_metrics, extract_number
 from accuracy.tasks import Task
-from core.client import base_url, check_endpoint
+from core.client import base_url, check_endpoint, resolve_api_key
 
 GENERATION_INSTRUCTION = "\nSolve the problem, then give the final answer as a number after '####'."
 
@@ -72,9 +72,9 @@ def _summarise(metrics: dict[str, list[float]]) -> dict[str, Any]:
 
 
 async def _run(url: str, model: Optional[str], tokenizer, task: Task, concurrency: int, max_tokens: int,
-               progress: bool) -> tuple[str, dict[str, Any]]:
+               progress: bool, api_key: str) -> tuple[str, dict[str, Any]]:
     url = base_url(url)
-    async with client_for(url) as client:
+    async with client_for(url, api_key) as client:
         model = await check_endpoint(client, url, model)
         if task.kind == "generation":
             jobs = [lambda i=i: chat_answer(client, url, model, i.context + GENERATION_INSTRUCTION, max_tokens)
@@ -90,9 +90,11 @@ async def _run(url: str, model: Optional[str], tokenizer, task: Task, concurrenc
 
 
 def run_task(url: str, model: Optional[str], tokenizer, task: Task, concurrency: int = 8, max_tokens: int = 256,
-             progress: bool = True) -> dict[str, Any]:
-    """The task's metrics (each with its standard error) from the served model's answers."""
+             progress: bool = True, api_key: Optional[str] = None) -> dict[str, Any]:
+    """The task's metrics (each with its standard error) from the served model's answers; ``api_key``
+    defaults to ``$OPENAI_API_KEY``."""
     start = time.perf_counter()
-    model, metrics = asyncio.run(_run(url, model, tokenizer, task, concurrency, max_tokens, progress))
+    model, metrics = asyncio.run(_run(url, model, tokenizer, task, concurrency, max_tokens, progress,
+                                      resolve_api_key(api_key)))
     return {"task": task.name, "kind": task.kind, "items": len(task.items), "model": model, "metrics": metrics,
             "wall_s": time.perf_counter() - start}

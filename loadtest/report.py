@@ -111,11 +111,11 @@ def load_report(path: Path) -> dict[str, Any]:
         raise EndpointError(f"cannot read the load test report {path}: {exc.strerror}") from None
     except ValueError:
         raise EndpointError(f"{path} is not a qserve load test report (not JSON); pass the file written by "
-                            f"`qserve loadtest URL -o FILE.json`") from None
+                            f"`qserve loadtest URL --json FILE.json` (or `-o DIR`)") from None
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         raise EndpointError(f"{path} is not a qserve load test report of schema {SCHEMA} "
                             f"(found {report.get('schema') if isinstance(report, dict) else type(report).__name__}); "
-                            f"rerun `qserve loadtest ... -o FILE.json` with this version")
+                            f"rerun `qserve loadtest ... --json FILE.json` with this version")
     return report
 
 

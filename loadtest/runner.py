@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import aiohttp
 
-from core.client import base_url
+from core.client import EndpointError, auth_error, auth_headers, base_url, resolve_api_key
+from core.progress import finish, progress as progress_bar
 from loadtest.figures import SLO, counted_records, prefill_figures, run_figures
 from loadtest.issuer import Bounds, issue
 from loadtest.profiles import Concurrency, Profile
@@ -73,7 +74,7 @@ def _workload(settings: LoadSettings, tokenizer: Any) -> Iterator[RequestSpec]:
     if settings.workload not in WORKLOADS:
         raise WorkloadError(f"unknown workload {settings.workload!r}; use one of {', '.join(WORKLOADS)}")
     if settings.workload != "synthetic" and settings.source is None:
-        raise WorkloadError(f"the {settings.workload} workload needs a file: pass --dataset PATH")
+        raise WorkloadError(f"the {settings.workload} workload needs a file: pass --prompt-file PATH")
     default_out = None if settings.workload == "sharegpt" else LengthDist("fixed", 64)
     return WORKLOADS[settings.workload](
         path=settings.source or data_file(DEFAULT_TEXT_NAME), input_len=settings.input_len,
@@ -93,9 +94,7 @@ class _Progress:
     """A live bar per run: completed requests, errors and output tokens so far."""
 
     def __init__(self, enabled: bool, desc: str, total: Optional[int]) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit="req", disable=not enabled, leave=False, dynamic_ncols=True)
+        self.bar = progress_bar(total=total, desc=desc, unit="req", disable=not enabled, leave=False)
         self.errors = self.tokens = 0
 
     def __call__(self, record: RequestRecord) -> None:
@@ -104,27 +103,45 @@ class _Progress:
         self.bar.set_postfix_str(f"errors {self.errors}, {self.tokens} output tokens", refresh=False)
         self.bar.update(1)
 
-    def close(self) -> None:
-        self.bar.close()
+    def close(self, failed: bool = False) -> None:
+        finish(self.bar, failed)
 
 
 class LoadTest:
     """One load test against one endpoint: holds the session, the workload and the stop signal."""
 
     def __init__(self, url: str, model: str, settings: LoadSettings, specs: Iterator[RequestSpec], tokenizer: Any,
-                 progress: bool, log: Callable[[str], None]) -> None:
+                 progress: bool, log: Callable[[str], None], api_key: str = "") -> None:
         self.url, self.model, self.settings, self.log, self.progress = url, model, settings, log, progress
-        self.specs, self.tokenizer = specs, tokenizer
+        self.specs, self.tokenizer, self.api_key = specs, tokenizer, api_key
         self.stop = asyncio.Event()
+        self.refused: Optional[EndpointError] = None
+
+    def _check_auth(self, record: RequestRecord) -> None:
+        """A refused key stops the test at once: every further request would be refused too."""
+        error = auth_error(self.url, record.status or 0, record.error or "", self.api_key)
+        if error and not self.refused:
+            self.refused = error
+            self.stop.set()
 
     async def _issue(self, requester: Requester, profile: Profile, bounds: Bounds, desc: str,
                      max_tokens: Optional[int] = None) -> list[RequestRecord]:
         bar = _Progress(self.progress, desc, bounds.count)
+
+        def done(record: RequestRecord) -> None:
+            self._check_auth(record)
+            bar(record)
+
         try:
-            return await issue(requester, self.specs, profile, bounds, self.stop, self.settings.seed,
-                               max_tokens, on_done=bar)
-        finally:
-            bar.close()
+            records = await issue(requester, self.specs, profile, bounds, self.stop, self.settings.seed,
+                                  max_tokens, on_done=done)
+        except BaseException:
+            bar.close(failed=True)
+            raise
+        bar.close(failed=self.refused is not None)
+        if self.refused:
+            raise self.refused
+        return records
 
     @property
     def streams(self) -> int:
@@ -182,7 +199,7 @@ class LoadTest:
                                   "prefill": None, "runs": [], "saturated_at": None, "interrupted": False}
         timeout = aiohttp.ClientTimeout(total=s.request_timeout_s, sock_connect=5.0)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False),
-                                         timeout=timeout) as session:
+                                         timeout=timeout, headers=auth_headers(self.api_key)) as session:
             salt = secrets.token_hex(8) if s.cache_salt == "auto" else s.cache_salt
             report["cache_salt"] = salt
             requester = Requester(session, self.url, self.model, s.endpoint, s.stream, s.ignore_eos,
@@ -221,7 +238,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _main(url: str, model: Optional[str], settings: LoadSettings, progress: bool,
-                log: Callable[[str], None]) -> dict[str, Any]:
+                log: Callable[[str], None], api_key: str) -> dict[str, Any]:
     import httpx
 
     from core.client import check_endpoint
@@ -233,9 +250,9 @@ async def _main(url: str, model: Optional[str], settings: LoadSettings, progress
         tokenizer = load_tokenizer(settings.tokenizer)
     specs = _workload(settings, tokenizer)  # bad files fail here, before any request
     url = base_url(url)
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=auth_headers(api_key)) as client:
         model = await check_endpoint(client, url, model)
-    test = LoadTest(url, model, settings, specs, tokenizer, progress, log)
+    test = LoadTest(url, model, settings, specs, tokenizer, progress, log, api_key)
     loop = asyncio.get_running_loop()
     try:  # Ctrl-C stops issuing and cancels what is in flight; the partial report is still returned
         loop.add_signal_handler(signal.SIGINT, test.stop.set)
@@ -265,7 +282,9 @@ def run_async(coro: Any) -> Any:
 
 
 def run_loadtest(url: str, model: Optional[str] = None, settings: LoadSettings = LoadSettings(),
-                 log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
-    """Runs the load test of ``settings`` against ``url``; returns the report (schema ``qserve.loadtest/2``)."""
-    return run_async(_main(url, model, settings, progress, log))
+                 log: Callable[[str], None] = print, progress: bool = True,
+                 api_key: Optional[str] = None) -> dict[str, Any]:
+    """Runs the load test of ``settings`` against ``url``; returns the report (schema ``qserve.loadtest/2``).
+    ``api_key`` (default ``$OPENAI_API_KEY``) goes with every request and scrape, never into the report."""
+    return run_async(_main(url, model, settings, progress, log, resolve_api_key(api_key)))
 

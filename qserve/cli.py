@@ -11,7 +11,8 @@ from typing import List, Optional
 
 import typer
 
-from qserve.common import user_errors, write_json
+from qserve.common import (API_KEY_HELP, deprecated_option, flags, given_options, output_files, refuse_options,
+                           renamed, user_errors, write_json, write_text)
 from qserve.loadtest_cli import loadtest_app
 
 app = typer.Typer(help="Quantize, export, serve, load-test and evaluate LLMs on vLLM.", no_args_is_help=True,
@@ -148,7 +149,9 @@ def serve(ctx: typer.Context,
                                                      "engine args, keys, limits. Options given here override it."),
           host: str = typer.Option("127.0.0.1", help="Gateway address."),
           port: int = typer.Option(8000, help="Gateway port."),
-          name: Optional[str] = typer.Option(None, help="Model name clients send (default: directory name)."),
+          served_model_name: Optional[str] = typer.Option(None, help="Model name clients send (default: directory "
+                                                                     "name)."),
+          name: Optional[str] = deprecated_option("--name", "--served-model-name"),
           replicas: int = typer.Option(1, min=1, help="vLLM engines for the checkpoint; requests go to the least busy."),
           max_model_len: int = typer.Option(4096, help="Context length given to vLLM."),
           enforce_eager: Optional[bool] = typer.Option(
@@ -163,16 +166,17 @@ def serve(ctx: typer.Context,
           max_body_mb: float = typer.Option(8.0, help="Largest request body accepted (MiB); larger gets 413.")) -> None:
     """Serve a checkpoint (or the models of --config) on vLLM behind the OpenAI-compatible gateway.
     Extra arguments go to vLLM unchanged (e.g. --tensor-parallel-size 2)."""
+    from core.models import DEMO_MODELS
     from serving.config import load_config, validate_config
     from serving.server import serve as run_server
 
-    # compared by name: typer may hand back its own click's ParameterSource enum
-    given = {p for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"}
+    served_model_name = renamed(served_model_name, name, "--name", "--served-model-name")
+    given = given_options(ctx)
     top = {"host": host, "port": port, "log_dir": log_dir, "api_keys": api_keys,
            "max_body_bytes": int(max_body_mb * 2**20),
            "limits": {"max_in_flight": max_in_flight, "max_queue": max_queue, "queue_timeout_s": queue_timeout}}
     if config is not None:
-        per_model = sorted(given & {"name", "replicas", "max_model_len", "enforce_eager"})
+        per_model = flags(ctx, given & {"served_model_name", "name", "replicas", "max_model_len", "enforce_eager"})
         if model is not None or ctx.args or per_model:
             raise typer.BadParameter(f"with --config, the checkpoint, {', '.join(per_model) or 'per-model options'} "
                                      f"and engine arguments go in the config's models")
@@ -181,29 +185,34 @@ def serve(ctx: typer.Context,
         overrides = {source.get(p, p) for p in given} & top.keys()
         settings = load_config(config, {field: top[field] for field in overrides})
     elif model is None:
-        raise typer.BadParameter("give a checkpoint to serve (e.g. `qserve serve smollm2-135m-instruct`) "
-                                 "or --config FILE")
+        raise typer.BadParameter(f"give a checkpoint to serve (e.g. `qserve serve {next(iter(DEMO_MODELS))}`, the "
+                                 f"demo model) or --config FILE")
     else:
-        spec = {"name": name or Path(model).name, "checkpoint": model, "replicas": replicas,
+        spec = {"name": served_model_name or Path(model).name, "checkpoint": model, "replicas": replicas,
                 "max_model_len": max_model_len, "enforce_eager": enforce_eager, "engine_args": list(ctx.args)}
         settings = validate_config({**top, "models": [spec]}, "command line")
     run_server(settings, log=typer.echo)
 
 
-
-
 @app.command("eval")
 @user_errors
-def evaluate(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible server."),
+def evaluate(ctx: typer.Context,
+             url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible server."),
              tokenizer: str = typer.Option(..., help="Checkpoint directory (or hub id) of the served model's tokenizer."),
-             model: Optional[str] = typer.Option(None, help="Model name (default: the first served)."),
+             served_model_name: Optional[str] = typer.Option(None, help="Model name clients send (default: the first "
+                                                                        "served)."),
+             model: Optional[str] = deprecated_option("--model", "--served-model-name"),
+             api_key: Optional[str] = typer.Option(None, help=API_KEY_HELP, show_default=False),
              tasks: str = typer.Option("wikitext", help="Comma-separated: wikitext (perplexity), arc_easy, piqa, "
                                                         "boolq, lambada, gsm8k, or JSONL files of "
                                                         "{question, choices, answer} lines."),
              baseline: Optional[str] = typer.Option(None, help="Base URL of a baseline server: evaluated too, with "
                                                                "deltas and top-1/KL agreement."),
-             baseline_model: Optional[str] = typer.Option(None, help="Model name at the baseline."),
+             baseline_served_model_name: Optional[str] = typer.Option(None, help="Model name at the baseline."),
+             baseline_model: Optional[str] = deprecated_option("--baseline-model", "--baseline-served-model-name"),
              baseline_tokenizer: Optional[str] = typer.Option(None, help="Baseline tokenizer (default: --tokenizer)."),
+             baseline_api_key: Optional[str] = typer.Option(None, help="API key for the baseline (default: the "
+                                                                       "--api-key one).", show_default=False),
              text_file: Optional[Path] = typer.Option(None, help="Text for perplexity and agreement "
                                                                  "(default: WikiText-2 test)."),
              seq_len: int = typer.Option(1024, help="Tokens per perplexity window."),
@@ -213,26 +222,42 @@ def evaluate(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatib
              top_k: int = typer.Option(10, help="Log-probabilities per position for the agreement measure."),
              lm_eval_tasks: Optional[str] = typer.Option(None, "--lm-eval", help="Run these lm-evaluation-harness "
                                                                                  "tasks instead (it must be installed)."),
-             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the JSON report here."),
-             markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown table here.")) -> None:
+             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for the reports: eval.json "
+                                                                                "and eval.md (with --lm-eval: the "
+                                                                                "harness's output path)."),
+             json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report to this file."),
+             markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the Markdown table to this "
+                                                                                  "file.")) -> None:
     """Accuracy of a served model: perplexity (token, word, bits per byte), task accuracy, and agreement
     with a baseline endpoint, all through the endpoint."""
+    if lm_eval_tasks:  # before the deprecation lines: an option that does not apply is the one thing to say
+        refuse_options(ctx, ("tasks", "baseline", "baseline_served_model_name", "baseline_model", "baseline_tokenizer",
+                             "baseline_api_key", "text_file", "seq_len", "max_windows", "top_k", "json_out",
+                             "markdown_out"),
+                       "with --lm-eval (lm-evaluation-harness runs its own tasks and writes its own results, to "
+                       "-o DIR): leave {them} out, or run the built-in tasks without --lm-eval")
+    served_model_name = renamed(served_model_name, model, "--model", "--served-model-name")
+    baseline_served_model_name = renamed(baseline_served_model_name, baseline_model, "--baseline-model",
+                                         "--baseline-served-model-name")
     if lm_eval_tasks:
         from accuracy.harness import run_lm_eval
 
-        raise typer.Exit(run_lm_eval(url, model or "", tokenizer, lm_eval_tasks, concurrency, limit or None, output))
+        raise typer.Exit(run_lm_eval(url, served_model_name, tokenizer, lm_eval_tasks, concurrency, limit or None,
+                                     output, api_key))
+    files = output_files(output, {"--json": json_out, "--markdown": markdown_out},
+                         {"--json": "eval.json", "--markdown": "eval.md"}, (".json", "--json"))
     from accuracy.runner import Endpoint, EvalSettings, evaluate_endpoint, markdown
 
-    settings = EvalSettings(Endpoint(url, model), tokenizer, tuple(t.strip() for t in tasks.split(",") if t.strip()),
-                            Endpoint(baseline, baseline_model) if baseline else None, baseline_tokenizer, text_file,
-                            seq_len, max_windows or None, limit or None, concurrency, top_k=top_k)
+    settings = EvalSettings(Endpoint(url, served_model_name, api_key),
+                            tokenizer, tuple(t.strip() for t in tasks.split(",") if t.strip()),
+                            Endpoint(baseline, baseline_served_model_name, baseline_api_key) if baseline else None,
+                            baseline_tokenizer, text_file, seq_len, max_windows or None, limit or None, concurrency,
+                            top_k=top_k)
     report = evaluate_endpoint(settings, log=typer.echo)
     table = markdown(report)
     typer.echo(table)
-    write_json(output, report)
-    if markdown_out:
-        markdown_out.parent.mkdir(parents=True, exist_ok=True)
-        markdown_out.write_text(table + "\n")
+    write_json(files["--json"], report)
+    write_text(files["--markdown"], table + "\n")
 
 
 @app.command()

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from typer.core import TyperGroup
 
-from qserve.common import user_errors
+from qserve.common import API_KEY_HELP, deprecated_option, output_files, renamed, user_errors, write_text
 
 
 class _RunByDefault(TyperGroup):
@@ -27,7 +27,10 @@ loadtest_app = typer.Typer(cls=_RunByDefault, no_args_is_help=True,
 @loadtest_app.command("run")
 @user_errors
 def run(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible server (with or without /v1)."),
-        model: Optional[str] = typer.Option(None, help="Model name (default: the first served)."),
+        served_model_name: Optional[str] = typer.Option(None, help="Model name clients send (default: the first "
+                                                                   "served)."),
+        model: Optional[str] = deprecated_option("--model", "--served-model-name"),
+        api_key: Optional[str] = typer.Option(None, help=API_KEY_HELP, show_default=False),
         profile: str = typer.Option("concurrency:8", help="synchronous | concurrency:N | constant:RATE | poisson:RATE; "
                                                           "comma lists sweep (concurrency:1,4,16), concurrency:auto "
                                                           "doubles until saturation."),
@@ -36,8 +39,10 @@ def run(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible se
                                                                  "(and the top of concurrency:auto)."),
         workload: str = typer.Option("synthetic", help="synthetic (prompts cut from real text) | file (text: a prompt "
                                                        "per line; JSONL: {prompt, max_tokens?}) | sharegpt."),
-        dataset: Optional[Path] = typer.Option(None, help="Text for synthetic (default: WikiText-2 valid), the prompt "
-                                                          "file, or the ShareGPT JSON."),
+        prompt_file: Optional[Path] = typer.Option(None, help="Text that synthetic prompts are cut from (default: "
+                                                              "WikiText-2 valid), the file workload's prompts, or the "
+                                                              "ShareGPT JSON."),
+        dataset: Optional[Path] = deprecated_option("--dataset", "--prompt-file"),
         input_len: str = typer.Option("512", help="Prompt tokens: N, uniform:LO:HI or normal:MEAN:STD."),
         output_len: Optional[str] = typer.Option(None, help="Output tokens, same forms (default 64; ShareGPT: the "
                                                             "reply's length). EOS is ignored so it holds."),
@@ -60,38 +65,47 @@ def run(url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible se
         timeout: float = typer.Option(600.0, help="Per-request timeout in seconds."),
         seed: int = typer.Option(0, help="Seed of prompts, lengths and arrival times."),
         stop_at_saturation: bool = typer.Option(True, help="End a sweep once more load adds no throughput."),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON report (schema qserve.loadtest/2)."),
-        csv: Optional[Path] = typer.Option(None, help="CSV with one row per request."),
-        html: Optional[Path] = typer.Option(None, help="HTML report; its PNG plots are written beside it.")) -> None:
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for the reports: loadtest.json "
+                                                                           "(schema qserve.loadtest/2), requests.csv, "
+                                                                           "report.html and its PNG plots."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report to this file."),
+        csv: Optional[Path] = typer.Option(None, help="Write the CSV (one row per request) to this file."),
+        html: Optional[Path] = typer.Option(None, help="Write the HTML report to this file; its PNG plots go beside "
+                                                       "it.")) -> None:
     """Measure prefill and decode throughput, TTFT/TPOT/ITL/E2E percentiles and goodput of a served model."""
     from loadtest.figures import SLO
     from loadtest.profiles import parse_profiles
     from loadtest.runner import LoadSettings, run_loadtest
     from loadtest.workloads import LengthDist, WorkloadError
 
+    served_model_name = renamed(served_model_name, model, "--model", "--served-model-name")
+    prompt_file = renamed(prompt_file, dataset, "--dataset", "--prompt-file")
+    files = output_files(output, {"--json": json_out, "--csv": csv, "--html": html},
+                         {"--json": "loadtest.json", "--csv": "requests.csv", "--html": "report.html"},
+                         (".json", "--json"))
     if endpoint not in ("completions", "chat"):
         raise WorkloadError(f"--endpoint {endpoint!r}: use completions or chat")
     if num_requests <= 0 and not duration:
         raise WorkloadError("--num-requests 0 needs --duration SECONDS to bound the run")
     settings = LoadSettings(
-        profiles=tuple(parse_profiles(profile, burstiness, max_concurrency)), workload=workload, source=dataset,
+        profiles=tuple(parse_profiles(profile, burstiness, max_concurrency)), workload=workload, source=prompt_file,
         input_len=LengthDist.parse(input_len), output_len=LengthDist.parse(output_len) if output_len else None,
         shared_prefix=shared_prefix, num_requests=num_requests or None, duration_s=duration, warmup=warmup,
         cooldown=cooldown, prefill_requests=prefill_requests, warmup_requests=warmup_requests,
         cache_salt=None if cache_salt == "none" else cache_salt, endpoint=endpoint, stream=stream,
         slos=tuple(SLO.parse(s) for s in slo), request_timeout_s=timeout, seed=seed, tokenizer=tokenizer,
         stop_at_saturation=stop_at_saturation)
-    report = run_loadtest(url, model, settings, log=typer.echo)
-    _write_outputs(report, output, csv, html)
+    report = run_loadtest(url, served_model_name, settings, log=typer.echo, api_key=api_key)
+    _write_outputs(report, files["--json"], files["--csv"], files["--html"])
     if report["interrupted"]:
         raise typer.Exit(130)
 
 
-def _write_outputs(report: dict, output: Optional[Path], csv: Optional[Path], html: Optional[Path]) -> None:
+def _write_outputs(report: dict, json_path: Optional[Path], csv: Optional[Path], html: Optional[Path]) -> None:
     from loadtest.report import run_table, write_csv, write_json
 
     typer.echo("\n" + run_table(report))
-    for path, writer in ((output, write_json), (csv, write_csv)):
+    for path, writer in ((json_path, write_json), (csv, write_csv)):
         if path:
             writer(report, path)
             typer.echo(f"saved {path}")
@@ -104,18 +118,20 @@ def _write_outputs(report: dict, output: Optional[Path], csv: Optional[Path], ht
 @loadtest_app.command("compare")
 @user_errors
 def compare(reports: List[Path] = typer.Argument(..., help="Load test JSON reports; the first is the baseline."),
-            names: Optional[str] = typer.Option(None, help="Comma-separated column names (default: file stems)."),
-            output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the markdown table here.")) -> None:
+            names: Optional[str] = typer.Option(None, help="Comma-separated column names (default: file stems, or the "
+                                                           "directory of a -o DIR report)."),
+            output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for the table: compare.md."),
+            markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the Markdown table to this "
+                                                                                 "file.")) -> None:
     """Put load test reports side by side (e.g. bf16 vs W8A8 vs W4A16), with ratios to the first."""
     from loadtest.report import compare as compare_reports, load_report
     from loadtest.workloads import WorkloadError
 
-    labels = names.split(",") if names else [p.stem for p in reports]
+    files = output_files(output, {"--markdown": markdown_out}, {"--markdown": "compare.md"}, (".md", "--markdown"))
+    # a report written with -o DIR is DIR/loadtest.json: the directory names it
+    labels = names.split(",") if names else [p.parent.name if p.name == "loadtest.json" else p.stem for p in reports]
     if len(labels) != len(reports):
         raise WorkloadError(f"--names gives {len(labels)} names for {len(reports)} reports")
     table = compare_reports([(label, load_report(path)) for label, path in zip(labels, reports)])
     typer.echo(table)
-    if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(table + "\n")
-        typer.echo(f"saved {output}")
+    write_text(files["--markdown"], table + "\n")

@@ -1,4 +1,5 @@
-"""Bad input on the command line: one clear line, a non-zero exit, no traceback, nothing written."""
+"""Bad input on the command line: one clear line, a non-zero exit, no traceback, nothing written; and one
+vocabulary across the commands, the old spellings still working with a deprecation line."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,3 +87,148 @@ def test_smoothquant_alpha_out_of_range(tmp_path):
                                   "-o", str(tmp_path / "out")))
     assert "1.5" in line and "auto" in line
     assert not (tmp_path / "out").exists()
+
+
+# --- one vocabulary: new names, old names with a deprecation line, both at once (in-process, typer's runner) ----
+
+def invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from qserve.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def _in_process_error(result) -> str:
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture()
+def scorer(monkeypatch):
+    """The scripted scorer endpoint, and a one-token-per-character tokenizer for ``--tokenizer chars``."""
+    from accuracy import agreement
+    from core import checkpoint
+    from tests.fake_backend import running_app
+    from tests.fake_scorer import make_fake_scorer
+    from tests.unit.test_accuracy import CharTokenizer
+
+    monkeypatch.setattr(checkpoint, "load_tokenizer", lambda source: CharTokenizer())
+    monkeypatch.setattr(agreement, "load_tokenizer", lambda source: CharTokenizer())
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with running_app(make_fake_scorer()) as url:
+        yield url
+
+
+def _eval_args(url: str, tmp_path: Path) -> list[str]:
+    text = tmp_path / "t.txt"
+    text.write_text("one vocabulary across the commands")
+    return ["eval", url, "--tokenizer", "chars", "--text-file", str(text), "--seq-len", "8"]
+
+
+def test_eval_served_model_name_new_old_and_both(scorer, tmp_path):
+    args = _eval_args(scorer, tmp_path)
+    new = invoke(*args, "--served-model-name", "shifted", "--json", str(tmp_path / "new.json"))
+    assert new.exit_code == 0 and "warning" not in new.stderr, new.output
+    assert json.loads((tmp_path / "new.json").read_text())["results"]["wikitext"]["model"] == "shifted"
+    old = invoke(*args, "--model", "shifted", "--baseline", scorer, "--baseline-model", "scorer",
+                 "--json", str(tmp_path / "old.json"))
+    assert old.exit_code == 0, old.output
+    assert "warning: --model is deprecated; use --served-model-name" in old.stderr
+    assert "warning: --baseline-model is deprecated; use --baseline-served-model-name" in old.stderr
+    report = json.loads((tmp_path / "old.json").read_text())
+    assert report["endpoint"]["model"] == "shifted" and report["baseline"]["model"] == "scorer"
+    assert report["deltas"]["wikitext"]["token_perplexity"] > 0  # shifted scores every token 0.5 lower
+    both = _in_process_error(invoke(*args, "--model", "a", "--served-model-name", "b"))
+    assert "--model" in both and "--served-model-name only" in both
+
+
+def test_eval_output_is_a_directory_and_an_old_json_output_still_works(scorer, tmp_path):
+    args = _eval_args(scorer, tmp_path)
+    result = invoke(*args, "-o", str(tmp_path / "reports"), "--markdown", str(tmp_path / "table.md"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["eval.json"]  # the table went to --markdown
+    assert (tmp_path / "table.md").read_text().startswith("| task | figure | value |")
+    legacy = invoke(*args, "-o", str(tmp_path / "acc.json"))
+    assert legacy.exit_code == 0 and "-o now takes a directory; use --json" in legacy.stderr
+    assert json.loads((tmp_path / "acc.json").read_text())["results"]["wikitext"]["tokens"] > 0
+    line = _in_process_error(invoke(*args, "-o", str(tmp_path / "a.json"), "--json", str(tmp_path / "b.json")))
+    assert "give --json only" in line
+    assert "-o takes a directory" in _in_process_error(invoke(*args, "-o", str(tmp_path / "t.txt")))
+
+
+def test_lm_eval_refuses_the_options_it_would_ignore(tmp_path):
+    line = _in_process_error(invoke("eval", "http://127.0.0.1:9", "--tokenizer", "t", "--lm-eval", "hellaswag",
+                                    "--tasks", "arc_easy", "--baseline", "http://127.0.0.1:9", "--markdown",
+                                    str(tmp_path / "x.md"), "--seq-len", "64"))
+    assert "--tasks, --baseline, --seq-len, --markdown do not apply with --lm-eval" in line
+    assert not (tmp_path / "x.md").exists()
+    line = _in_process_error(invoke("eval", "http://127.0.0.1:9", "--tokenizer", "t", "--lm-eval", "hellaswag",
+                                    "--baseline-model", "m"))
+    assert "--baseline-model does not apply with --lm-eval" in line
+    # the options the harness uses pass the check (then: the harness is not installed here, or is unreachable)
+    line = _in_process_error(invoke("eval", "http://127.0.0.1:9", "--tokenizer", "t", "--lm-eval", "hellaswag",
+                                    "--limit", "5", "--concurrency", "2", "--served-model-name", "m"))
+    assert "do not apply" not in line and "does not apply" not in line
+
+
+def test_loadtest_new_and_old_names(tmp_path):
+    from tests.fake_backend import running_app
+    from tests.scripted_server import Script, make_scripted_server
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\nsecond prompt\n")
+    args = ["loadtest", "--workload", "file", "--num-requests", "2", "--prefill-requests", "0",
+            "--output-len", "2", "--profile", "concurrency:1"]
+    script = Script(ttft_s=0.001, itl_s=0.001)
+    with running_app(make_scripted_server(script)) as url:
+        new = invoke(args[0], url, *args[1:], "--served-model-name", "scripted", "--prompt-file", str(prompts),
+                     "--json", str(tmp_path / "new.json"))
+        assert new.exit_code == 0 and "warning" not in new.stderr, new.output
+        assert {r["prompt"] for r in script.requests} <= {"first prompt", "second prompt"}
+        old = invoke(args[0], url, *args[1:], "--model", "scripted", "--dataset", str(prompts),
+                     "-o", str(tmp_path / "old.json"))
+        assert old.exit_code == 0, old.output
+        for warning in ("--model is deprecated; use --served-model-name",
+                        "--dataset is deprecated; use --prompt-file", "-o now takes a directory; use --json"):
+            assert warning in old.stderr
+        assert json.loads((tmp_path / "old.json").read_text())["model"] == "scripted"
+        both = _in_process_error(invoke(args[0], url, *args[1:], "--dataset", str(prompts), "--prompt-file",
+                                        str(prompts)))
+        assert "--prompt-file only" in both
+        missing = _in_process_error(invoke(args[0], url, *args[1:]))
+        assert "--prompt-file PATH" in missing
+
+
+def test_loadtest_compare_output_directory_and_old_markdown_file(tmp_path):
+    from loadtest.report import write_json
+    from loadtest.runner import SCHEMA
+
+    report = {"schema": SCHEMA, "prefill": None, "runs": [], "summary": {}, "settings": {}, "url": "u", "model": "m"}
+    write_json(report, tmp_path / "a.json")
+    result = invoke("loadtest", "compare", str(tmp_path / "a.json"), "-o", str(tmp_path / "cmp"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cmp" / "compare.md").read_text().startswith("| figure | a |")
+    legacy = invoke("loadtest", "compare", str(tmp_path / "a.json"), "-o", str(tmp_path / "t.md"))
+    assert legacy.exit_code == 0 and "use --markdown" in legacy.stderr and (tmp_path / "t.md").exists()
+    write_json(report, tmp_path / "w8a8" / "loadtest.json")  # as `qserve loadtest URL -o w8a8` writes it
+    named = invoke("loadtest", "compare", str(tmp_path / "a.json"), str(tmp_path / "w8a8" / "loadtest.json"))
+    assert "| figure | a | w8a8 |" in named.output
+
+
+def test_serve_served_model_name_and_the_demo_model_hint(tmp_path, monkeypatch):
+    from core.models import DEMO_MODELS
+    from serving import server
+
+    served = []
+    monkeypatch.setattr(server, "serve", lambda settings, log: served.append(settings))
+    assert invoke("serve", str(tmp_path), "--served-model-name", "w8a8").exit_code == 0
+    old = invoke("serve", str(tmp_path), "--name", "w8a8-old")
+    assert old.exit_code == 0 and "--name is deprecated; use --served-model-name" in old.stderr
+    assert [s.models[0].name for s in served] == ["w8a8", "w8a8-old"]
+    assert "--served-model-name only" in _in_process_error(invoke("serve", str(tmp_path), "--name", "a",
+                                                                  "--served-model-name", "b"))
+    hint = " ".join(invoke("serve").output.replace("│", " ").split())
+    assert f"qserve serve {next(iter(DEMO_MODELS))}`" in hint and "instruct" not in hint
