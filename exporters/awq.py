@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from core.quantized import QuantizedWeight
+from exporters.scales import exact_fp16
 from core.schemes import QuantArgs, Scheme, SchemeError
 
 BITS, PER_WORD = 4, 8
@@ -64,7 +65,7 @@ def layer_tensors(prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     return {
         f"{prefix}.qweight": pack((qw.q.to(torch.int32) + offset).T.contiguous()),
         f"{prefix}.qzeros": pack((zero.to(torch.int32) + offset).T.contiguous()),
-        f"{prefix}.scales": qw.scale.T.contiguous().to(torch.float16),
+        f"{prefix}.scales": exact_fp16(prefix, qw.scale.T.contiguous(), "AWQ"),
     }
 
 

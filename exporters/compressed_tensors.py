@@ -15,7 +15,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
 from core.quantized import QuantizedWeight
-from core.schemes import Override, QuantArgs, Scheme
+from core.schemes import Override, QuantArgs, Scheme, SchemeError
 
 
 MARKER = ".weight_scale"
@@ -24,8 +24,29 @@ STORED_SUFFIXES = (".weight_packed", ".weight_shape", ".weight_zero_point", ".in
                    ".weight_g_idx", ".weight")
 
 
+def _weight_problem(weights: QuantArgs, acts: Optional[QuantArgs]) -> Optional[str]:
+    """Why vLLM's compressed-tensors kernels cannot load these weights beside these activations (None: they can).
+    W8A8 (int8 or FP8) kernels take symmetric per-channel or per-tensor weights of the activations' type;
+    weight-only (WNA16) kernels take per-channel or per-group weights."""
+    if acts is None:
+        return None if weights.strategy in ("channel", "group") else f"{weights.strategy} weight scales"
+    if weights.type != acts.type or weights.num_bits != 8:
+        return f"{weights.type}{weights.num_bits} weights beside {acts.type}{acts.num_bits} activations"
+    if not weights.symmetric:
+        return "asymmetric weights with quantized activations (drop --asym, or use w8a16/w4a16 weight-only)"
+    if weights.strategy not in ("channel", "tensor"):
+        return (f"{weights.strategy} weight scales with quantized activations (drop --group-size, or use "
+                f"w8a16/w4a16 weight-only)")
+    return None
+
+
 def check_fits(scheme: Scheme) -> None:
-    """Every qserve scheme fits: compressed-tensors is the layout qserve quantize writes."""
+    """Refuses, before any work, schemes whose checkpoint vLLM's compressed-tensors loader would reject."""
+    problems = [f"{p}" for p in [_weight_problem(scheme.weights, scheme.input_activations)] if p]
+    problems += [f"{p} in override {list(o.targets)}" for o in scheme.overrides
+                 for p in [_weight_problem(o.weights, scheme.input_activations)] if p]
+    if problems:
+        raise SchemeError(f"vLLM cannot load {scheme.name} as written: {'; '.join(problems)}")
 
 
 def format_for(scheme: Scheme) -> str:

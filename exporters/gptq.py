@@ -15,6 +15,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
 from core.quantized import QuantizedWeight
+from exporters.scales import exact_fp16
 from core.schemes import QuantArgs, Scheme, SchemeError
 
 MARKER = ".qweight"
@@ -52,7 +53,7 @@ def layer_tensors(prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     return {
         f"{prefix}.qweight": pack_to_int32(qw.q.to(torch.int8).T.contiguous(), args.num_bits, packed_dim=0),
         f"{prefix}.qzeros": pack_to_int32(stored_zero.to(torch.int8).T.contiguous(), args.num_bits, packed_dim=1),
-        f"{prefix}.scales": qw.scale.T.contiguous().to(torch.float16),
+        f"{prefix}.scales": exact_fp16(prefix, qw.scale.T.contiguous(), "GPTQ"),
         f"{prefix}.g_idx": torch.arange(in_features, dtype=torch.int32) // group,
     }
 

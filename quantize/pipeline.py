@@ -222,6 +222,7 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
         scheme, chosen = auto_group_sizes(scheme, targets, shapes)
         log(chosen)
     scheme = scheme.with_scale_dtype(_scale_dtype(files, {f"{n}.weight" for n in targets}))
+    compressed_tensors.check_fits(scheme)
     check_group_fit(scheme, targets, shapes)
     check_fused_consistent(scheme, targets)
     _check_device(options.device)
