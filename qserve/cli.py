@@ -54,7 +54,8 @@ def models_prepare(name: str = typer.Argument("smollm2-135m", help="Demo model n
 
 @app.command()
 @user_errors
-def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id, or demo model name."),
+def quantize(ctx: typer.Context,
+             model: str = typer.Argument(..., help="Checkpoint directory, hub id, or demo model name."),
              scheme: str = typer.Option("w8a8", help="Scheme preset: w8a8, w8a8-static, w8a16, w4a16, fp8, "
                                                      "fp8-dynamic."),
              method: str = typer.Option("rtn", help="rtn, gptq, awq, smoothquant, or joined with '+' "
@@ -102,13 +103,31 @@ def quantize(model: str = typer.Argument(..., help="Checkpoint directory, hub id
         weights = replace(weights, symmetric=not asymmetric)
     chosen = replace(chosen, weights=replace(weights, observer=observer),
                      overrides=tuple(parse_override(o, symmetric=not asymmetric) for o in override))
-    parse_recipe(method)
+    recipe = parse_recipe(method)
+    _refuse_inapplicable(ctx, recipe, chosen)
     alpha = parse_alpha(smoothquant_alpha)
     options = QuantizeOptions(
         calibration=CalibrationSpec(num_samples=num_samples, seq_len=calib_seq_len, seed=seed, path=calib_file),
         smoothquant_alpha=alpha, smooth_linears=smooth_linears, gptq=GPTQConfig(actorder=actorder, dampening=dampening),
         device=device, auto_group_size=auto, report_png=report_png)
     quantize_checkpoint(resolve_model(model), chosen, method, output, force=force, log=typer.echo, options=options)
+
+
+def _refuse_inapplicable(ctx: typer.Context, recipe, scheme) -> None:
+    """Options of a method or a data path that this run does not take fail in one line, never silently."""
+    calibrated = recipe.needs_calibration or scheme.static_activations
+    checks = [
+        (recipe.quantizer != "gptq", ("actorder", "dampening"), "without GPTQ (e.g. --method gptq or awq+gptq)"),
+        ("smoothquant" not in recipe.transforms, ("smoothquant_alpha", "smooth_linears"),
+         "without SmoothQuant (e.g. --method smoothquant+gptq)"),
+        (scheme.weights.type == "float", ("asymmetric",), "to FP8 weights, which are symmetric"),
+        (not calibrated, ("calib_file", "num_samples", "calib_seq_len", "seed", "device", "report_png"),
+         f"to {recipe.name} on {scheme.name}, which needs no calibration data (it streams tensor by tensor); "
+         f"use a calibrated method or a static-activation scheme"),
+    ]
+    for inapplicable, names, reason in checks:
+        if inapplicable:
+            refuse_options(ctx, names, reason)
 
 
 @app.command()

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from core.progress import progress as progress_bar
 from core.checkpoint import AUX_FILES, qserve_version, weight_files
 from exporters import compressed_tensors
 from core.atomic import atomic_output_dir
@@ -123,16 +124,15 @@ def _layer_loader(files: list[Path], layer_prefix: str = "model.layers.") -> Cal
 def _write_streamed(files: list[Path], targets: dict[str, str], scheme: Scheme, recipe: Recipe,
                     writer: ShardWriter, progress: bool) -> list[dict]:
     """Round-to-nearest needs no data: each tensor is read, quantized if targeted, written, freed."""
-    from tqdm import tqdm
-
-    with tqdm(desc=f"quantize {scheme.name}/{recipe.name}", unit="tensor", disable=not progress) as bar:
+    with progress_bar(total=len(targets), desc=f"quantize {scheme.name}/{recipe.name}", unit="linear",
+                      disable=not progress) as bar:
         for key, tensor in _iter_tensors(files):
             if key in targets:
                 qw = quantize_weight(tensor, scheme.weights_for(targets[key]), recipe.quantizer)
                 writer.add(compressed_tensors.layer_tensors(targets[key], qw, scheme, tensor.dtype))
+                bar.update(1)
             else:
                 writer.add({key: tensor})
-            bar.update(1)
     return []
 
 
@@ -142,7 +142,6 @@ def _write_calibrated(model_dir: Path, files: list[Path], targets: dict[str, str
     """Transforms and calibrated quantizers: one decoder layer at a time (see ``quantize.layerwise``)."""
     from dataclasses import asdict
 
-    from tqdm import tqdm
     from transformers import AutoConfig
 
     from quantize.layerwise import calibrated_layers
@@ -160,7 +159,7 @@ def _write_calibrated(model_dir: Path, files: list[Path], targets: dict[str, str
                                gptq_config=options.gptq, device=options.device,
                                smooth_linears=options.smooth_linears)
     del embed  # the generator drops its own reference once the calibration inputs exist
-    for index, floats, quantized, report in tqdm(layers, total=config.num_hidden_layers, disable=not progress,
+    for index, floats, quantized, report in progress_bar(layers, total=config.num_hidden_layers, disable=not progress,
                                                  desc=f"quantize {scheme.name}/{recipe.name}", unit="layer"):
         writer.add(floats)
         for name, qw in quantized.items():
