@@ -19,12 +19,14 @@ from serving.errors import BodyLimit, install_error_handlers
 from serving.keys import KeyRing
 from serving.metrics import GatewayMetrics
 from serving.routes import GENERATION_ROUTES, router
+from serving.scrape import EngineScraper
 from serving.service import OpenAIProxy
 
 
 @dataclass
 class GatewaySettings:
-    """What the gateway serves. ``on_fatal`` is told when a launched engine cannot start."""
+    """What the gateway serves. ``on_fatal`` is told when a launched engine cannot start; ``on_ready`` once,
+    when every launched engine is first ready (never on a restart)."""
 
     backends: list[Backend]
     request_timeout_s: float = 600.0
@@ -34,6 +36,7 @@ class GatewaySettings:
     max_body_bytes: int = 8 * 2**20
     probe_interval_s: float = 5.0  # health checks of external (URL) replicas; 0: never
     on_fatal: Callable[[str], None] = field(default=lambda message: None)
+    on_ready: Callable[[], None] = field(default=lambda: None)
     log: Callable[[str], None] = print
 
 
@@ -50,9 +53,10 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
             metrics = GatewayMetrics()
             app.state.proxy = OpenAIProxy(pool, metrics, client, settings.keys)
+            app.state.scraper = EngineScraper(metrics, client, settings.log)
             starter: Optional[asyncio.Task] = asyncio.create_task(
                 pool.start(settings.on_fatal, settings.log, lambda model: metrics.restarts.labels(model).inc(),
-                           client, settings.probe_interval_s))
+                           client, settings.probe_interval_s, on_ready=settings.on_ready))
             try:
                 yield
             finally:

@@ -112,13 +112,15 @@ class BackendPool:
 
     async def start(self, on_fatal: Callable[[str], None], log: Callable[[str], None] = print,
                     on_restart: Callable[[str], None] = lambda model: None,
-                    client: Optional[aiohttp.ClientSession] = None, probe_interval_s: float = 5.0) -> None:
-        """Starts every launched engine and waits for health (``on_fatal`` is called if one cannot start),
-        then watches them: an engine that dies is restarted, with backoff, until the pool stops. External
-        replicas are probed every ``probe_interval_s`` with ``client`` (0 or no client: never)."""
+                    client: Optional[aiohttp.ClientSession] = None, probe_interval_s: float = 5.0,
+                    on_ready: Callable[[], None] = lambda: None) -> None:
+        """Starts every launched engine and waits for health (``on_fatal`` is called if one cannot start;
+        ``on_ready`` once, when all of them are first ready, at once when there are none), then watches
+        them: an engine that dies is restarted, with backoff, until the pool stops. External replicas are
+        probed every ``probe_interval_s`` with ``client`` (0 or no client: never)."""
         probes = [self._probe(b, client, log, probe_interval_s) for b in self.backends if b.engine is None
                   ] if client is not None and probe_interval_s > 0 else []
-        await asyncio.gather(self._start_launched(on_fatal, log, on_restart), *probes)
+        await asyncio.gather(self._start_launched(on_fatal, log, on_restart, on_ready), *probes)
 
     async def _probe(self, b: Backend, client: aiohttp.ClientSession, log: Callable[[str], None],
                      interval_s: float) -> None:
@@ -134,7 +136,7 @@ class BackendPool:
             await asyncio.sleep(interval_s)
 
     async def _start_launched(self, on_fatal: Callable[[str], None], log: Callable[[str], None],
-                              on_restart: Callable[[str], None]) -> None:
+                              on_restart: Callable[[str], None], on_ready: Callable[[], None]) -> None:
         launched = [b for b in self.backends if b.engine is not None]
         for b in launched:
             log(f"starting vLLM for {b.name!r} on {b.url} (log: {b.engine.config.log_path})")
@@ -152,6 +154,8 @@ class BackendPool:
             else:
                 b.state = "ready"
                 log(f"vLLM for {b.name!r} ready after {result:.0f} s")
+        if all(b.state == "ready" for b in launched):  # the watchers below restart; they never call this
+            on_ready()
         await asyncio.gather(*(self._watch(b, log, on_restart) for b in launched if b.state == "ready"))
 
     async def _watch(self, b: Backend, log: Callable[[str], None], on_restart: Callable[[str], None],

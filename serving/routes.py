@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-
-import aiohttp
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from serving.errors import APIError
-from serving.backends import Backend
-from serving.metrics import merge_expositions
 from serving.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
 from serving.relay import RelayResponse
+from serving.scrape import EngineScraper
 from serving.service import OpenAIProxy
 
 router = APIRouter()
@@ -87,19 +83,6 @@ async def metrics(request: Request) -> Response:
     proxy = _proxy(request)
     for model, replicas in proxy.pool.replicas.items():
         proxy.metrics.queued.labels(model).set(sum(b.admission.queued for b in replicas))
-    ready = [b for b in proxy.pool.backends if b.state == "ready"]
-    scrapes = await asyncio.gather(*(_scrape(proxy, b) for b in ready))  # at once: a slow engine delays one
-    engines = merge_expositions([(b.name, text) for b, text in zip(ready, scrapes) if text is not None])
+    scraper: EngineScraper = request.app.state.scraper
+    engines = await scraper.exposition(proxy.pool.backends)  # before rendering: a failed scrape is counted
     return Response(proxy.metrics.render().decode() + engines, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-async def _scrape(proxy: OpenAIProxy, backend: Backend) -> str | None:
-    """One engine's own metrics; None (counted as an upstream error) when it does not answer in 5 s."""
-    try:
-        async with proxy.client.get(f"{backend.url}/metrics", timeout=aiohttp.ClientTimeout(total=5.0)) as resp:
-            if resp.status == 200:
-                return await resp.text()
-    except Exception:  # noqa: BLE001 - a missing engine scrape must not break the gateway's own
-        pass
-    proxy.metrics.upstream_errors.labels(backend.name, "metrics").inc()
-    return None

@@ -44,7 +44,6 @@ def serve(config: GatewayConfig, log: Callable[[str], None] = print) -> None:
     keys = KeyRing.load(config.api_keys, inline=config.keys)  # a bad key file fails before vLLM starts
     backends = build_backends(config, resolve_model, free_port, config.log_dir or cache_root() / "logs")
     sock = bind_socket(config.host, config.port)
-    launched = sum(b.engine is not None for b in backends)
     fatal: list[str] = []
     server: Optional[uvicorn.Server] = None
 
@@ -53,16 +52,11 @@ def serve(config: GatewayConfig, log: Callable[[str], None] = print) -> None:
         if server is not None:
             server.should_exit = True
 
-    def on_log(message: str) -> None:
-        log(message)
-        nonlocal launched
-        if message.startswith("vLLM for") and "ready after" in message:
-            launched -= 1
-            if launched == 0:
-                log(f"serving {', '.join(m.name for m in config.models)} at "
-                    f"http://{config.host}:{config.port}/v1 (Ctrl-C to stop)")
+    def on_ready() -> None:  # the pool calls it once, when its launched engines are first all ready
+        log(f"serving {', '.join(m.name for m in config.models)} at "
+            f"http://{config.host}:{config.port}/v1 (Ctrl-C to stop)")
 
-    settings = GatewaySettings(backends=backends, on_fatal=on_fatal, log=on_log, keys=keys,
+    settings = GatewaySettings(backends=backends, on_fatal=on_fatal, on_ready=on_ready, log=log, keys=keys,
                                admission=config.admission, max_body_bytes=config.max_body_bytes)
     server = uvicorn.Server(uvicorn.Config(build_app(settings), log_level="warning", timeout_graceful_shutdown=10))
     log(f"gateway listening on http://{config.host}:{config.port} (ready once every engine is up: GET /ready)")
