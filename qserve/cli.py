@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from qserve.common import (API_KEY_HELP, deprecated_option, flags, given_options, output_files, refuse_options,
+from qserve.common import (API_KEY_HELP, OptionError, deprecated_option, flags, given_options, output_files, refuse_options,
                            renamed, user_errors, write_json, write_text)
 from qserve.loadtest_cli import loadtest_app
 
@@ -197,15 +197,15 @@ def serve(ctx: typer.Context,
     if config is not None:
         per_model = flags(ctx, given & {"served_model_name", "name", "replicas", "max_model_len", "enforce_eager"})
         if model is not None or ctx.args or per_model:
-            raise typer.BadParameter(f"with --config, the checkpoint, {', '.join(per_model) or 'per-model options'} "
-                                     f"and engine arguments go in the config's models")
+            raise OptionError(f"with --config, the checkpoint, {', '.join(per_model) or 'per-model options'} "
+                              f"and engine arguments go in the config's models")
         source = {"max_body_mb": "max_body_bytes", "max_in_flight": "limits", "max_queue": "limits",
                   "queue_timeout": "limits"}
         overrides = {source.get(p, p) for p in given} & top.keys()
         settings = load_config(config, {field: top[field] for field in overrides})
     elif model is None:
-        raise typer.BadParameter(f"give a checkpoint to serve (e.g. `qserve serve {next(iter(DEMO_MODELS))}`, the "
-                                 f"demo model) or --config FILE")
+        raise OptionError(f"give a checkpoint to serve (e.g. `qserve serve {next(iter(DEMO_MODELS))}`, the "
+                          f"demo model) or --config FILE")
     else:
         spec = {"name": served_model_name or Path(model).name, "checkpoint": model, "replicas": replicas,
                 "max_model_len": max_model_len, "enforce_eager": enforce_eager, "engine_args": list(ctx.args)}

@@ -25,7 +25,7 @@ class GatewayProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        source = ["--config", str(config)] if config is not None else [str(model_dir), "--name", name]
+        source = ["--config", str(config)] if config is not None else [str(model_dir), "--served-model-name", name]
         cmd = [sys.executable, "-m", "qserve", "serve", *source, "--port", str(port),
                "--log-dir", str(log_path.parent), *extra]
         with open(log_path, "ab") as log:
