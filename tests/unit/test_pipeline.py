@@ -10,6 +10,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_in
 from safetensors import safe_open
 
 from quantize import pipeline
+from quantize.methods import parse_recipe
 from quantize.pipeline import quantize_checkpoint
 from core.schemes import SchemeError, get_scheme
 from tests.unit.tiny import make_tiny_llama
@@ -67,41 +68,104 @@ def test_failure_midway_leaves_no_output(tiny, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def _logits(model_dir, state=None):
+@pytest.fixture(scope="module")
+def outlier_tiny(tiny_with_tokenizer, tmp_path_factory):
+    """The tiny model with four RMSNorm channels scaled 20x in every layer: the activation outliers real LLMs
+    have and that SmoothQuant and AWQ exist for (on the plain random model there is nothing to protect)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("outlier") / "model"
+    shutil.copytree(tiny_with_tokenizer, path)
+    state = load_file(path / "model.safetensors")
+    for name, tensor in state.items():
+        if name.endswith("layernorm.weight"):
+            tensor[:4] *= 20
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def _text_ids(model_dir, n: int = 4, length: int = 256) -> torch.Tensor:
+    """Held-out real text (the test split; calibration reads the validation split)."""
+    from transformers import AutoTokenizer
+
+    from core.data import data_file
+
+    ids = AutoTokenizer.from_pretrained(model_dir)(data_file("wikitext2-test.raw").read_text(encoding="utf-8")[:20000],
+                                                  add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids[i * length:(i + 1) * length] for i in range(n)])
+
+
+def _logits(model_dir, state=None, act_per_token: bool = False):
+    """Logits in float32 on held-out text; ``act_per_token`` fake-quantizes the linears' inputs per token to
+    int8, as vLLM's dynamic W8A8 kernels do (without it SmoothQuant's gain is invisible)."""
     from transformers import AutoModelForCausalLM
+
+    from core import numerics
+    from core.schemes import QuantArgs
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if state is not None:
-        model.load_state_dict(state, strict=False)
-    torch.manual_seed(5)
-    return model(torch.randint(0, 300, (2, 32))).logits
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if act_per_token:
+        per_token = QuantArgs(num_bits=8, strategy="channel")
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+                module.register_forward_pre_hook(lambda _m, inp: (numerics.fake_quantize(
+                    inp[0].reshape(-1, inp[0].shape[-1]), per_token).reshape(inp[0].shape),))
+    with torch.no_grad():
+        return model(_text_ids(model_dir)).logits
 
 
-@pytest.mark.parametrize("scheme, method", [("w4a16", "gptq"), ("w4a16", "awq"), ("w8a8", "smoothquant+gptq"),
-                                            ("w8a8", "smoothquant")])
-def test_calibrated_recipes(tiny_with_tokenizer, tmp_path, scheme, method):
+def _logit_error(model_dir, out, scheme: str) -> float:
+    """Relative error of the quantized checkpoint's logits against the float model's."""
     from exporters.dequantize import dequantized_state_dict
+
+    ref = _logits(model_dir)
+    got = _logits(model_dir, dequantized_state_dict(out), act_per_token=scheme == "w8a8")
+    return float((got - ref).norm() / ref.norm())
+
+
+@pytest.fixture(scope="module")
+def rtn_logit_error(outlier_tiny, tmp_path_factory):
+    """RTN's logit error per scheme on the outlier model, computed once: the baseline every method must beat."""
+    errors = {}
+    for scheme in ("w4a16", "w8a8"):
+        out = tmp_path_factory.mktemp("rtn") / scheme
+        quantize_checkpoint(outlier_tiny, get_scheme(scheme), "rtn", out, progress=False, log=lambda m: None)
+        errors[scheme] = _logit_error(outlier_tiny, out, scheme)
+    return errors
+
+
+# Relative logit error on the outlier model, 4 x 256 held-out tokens, 8 x 64 calibration tokens, measured
+# at commit 4dfa0cf (scales rounded to bf16): RTN w4a16 0.295, w8a8 0.0422. Method / RTN ratios measured:
+# gptq 0.31, awq 0.81, awq+gptq 0.41, smoothquant 0.64, smoothquant+gptq 0.48, w8a8 gptq 0.90. Each bound sits between the
+# measured ratio and 1 (a method that silently does RTN, or transforms without protecting, gives >= 1).
+@pytest.mark.parametrize("scheme, method, max_ratio", [
+    ("w4a16", "gptq", 0.6), ("w4a16", "awq", 0.93), ("w4a16", "awq+gptq", 0.7),
+    ("w8a8", "smoothquant+gptq", 0.75), ("w8a8", "smoothquant", 0.85), ("w8a8", "gptq", 0.97)])
+def test_calibrated_recipes_beat_rtn(outlier_tiny, rtn_logit_error, tmp_path, scheme, method, max_ratio):
     from quantize.calibration import CalibrationSpec
     from quantize.pipeline import QuantizeOptions
 
     png = method == "smoothquant"  # one recipe draws the figure too: it has kurtosis before and after
     options = QuantizeOptions(calibration=CalibrationSpec(num_samples=8, seq_len=64), report_png=png)
     out = tmp_path / "out"
-    report = quantize_checkpoint(tiny_with_tokenizer, get_scheme(scheme), method, out, progress=False,
+    report = quantize_checkpoint(outlier_tiny, get_scheme(scheme), method, out, progress=False,
                                  log=lambda m: None, options=options)
     figure = out / "quantization_report.png"
     assert figure.exists() == png and (not png or figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n")
-    assert report.method.startswith(method.split("+")[0]) and report.calibration["num_samples"] == 8
+    assert report.method == parse_recipe(method).name and report.calibration["num_samples"] == 8
     assert len(report.calibration["window_starts"]) == 8
     layers = json.loads((out / "quantization_report.json").read_text())["layers"]
     assert [layer["index"] for layer in layers] == [0, 1]
-    assert all(cos > 0.9 for layer in layers for cos in layer["output_cosine"].values())
+    assert all(len(layer["output_rel_error"]) == 7 for layer in layers)
     if "gptq" in method:
-        assert all(layer["dampening"] for layer in layers)
+        assert all(len(layer["dampening"]) == 7 for layer in layers)
     assert (out / "quantization_report.md").read_text().count("\n|") >= 14
-    # the transformed, quantized model still computes nearly the float model's function
-    ref, got = _logits(tiny_with_tokenizer), _logits(tiny_with_tokenizer, dequantized_state_dict(out))
-    assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.95
+    error = _logit_error(outlier_tiny, out, scheme)
+    assert error < max_ratio * rtn_logit_error[scheme], (error, rtn_logit_error[scheme])
 
 
 def test_calibration_text_too_short_fails_before_any_work(tiny_with_tokenizer, tmp_path):
@@ -162,9 +226,10 @@ def test_hub_calibration_spec_errors_are_clear(tiny_with_tokenizer, spec, messag
 
 
 def test_two_pass_path_for_other_architectures(tiny_with_tokenizer, tmp_path, monkeypatch):
-    """Layers that cannot be calibrated stage by stage go through the generic two-pass path: a GPTQ result
-    close to the staged one, the same report rows."""
-    from exporters.dequantize import dequantized_state_dict
+    """Layers that cannot be calibrated stage by stage go through the generic two-pass path. Layer 0's q/k/v
+    read the same inputs on both paths (the embeddings through the first norm), so their integers must be
+    identical; later linears see inputs made by quantized (staged) or float (two-pass) upstream linears, which
+    moved 2-28 % of the integers by at most 3 steps (measured); a wrong Hessian moves most of them."""
     from quantize import layerwise
     from quantize.calibration import CalibrationSpec
     from quantize.pipeline import QuantizeOptions
@@ -176,12 +241,18 @@ def test_two_pass_path_for_other_architectures(tiny_with_tokenizer, tmp_path, mo
         out = tmp_path / path
         quantize_checkpoint(tiny_with_tokenizer, get_scheme("w8a8"), "gptq", out, progress=False,
                             log=lambda m: None, options=options)
-        runs[path] = (dequantized_state_dict(out), json.loads((out / "quantization_report.json").read_text())["layers"])
-    staged_gptq, two_pass_gptq = runs["staged"], runs["two-pass"]
-    assert [sorted(r["output_cosine"]) for r in staged_gptq[1]] == [sorted(r["output_cosine"]) for r in two_pass_gptq[1]]
-    for name, tensor in staged_gptq[0].items():
-        assert torch.nn.functional.cosine_similarity(tensor.flatten().float(),
-                                                     two_pass_gptq[0][name].flatten().float(), dim=0) > 0.99, name
+        runs[path] = (_tensors(out), json.loads((out / "quantization_report.json").read_text())["layers"])
+    (staged_q, staged_report), (two_pass_q, two_pass_report) = runs["staged"], runs["two-pass"]
+    assert [sorted(r["output_cosine"]) for r in staged_report] == [sorted(r["output_cosine"]) for r in two_pass_report]
+    ints = [name for name, t in staged_q.items() if t.dtype == torch.int8]
+    assert len(ints) == 14
+    for name in ints:
+        diff = (staged_q[name].int() - two_pass_q[name].int()).abs()
+        if name.startswith("model.layers.0.self_attn.") and name.split(".")[-2] in ("q_proj", "k_proj", "v_proj"):
+            assert torch.equal(staged_q[name], two_pass_q[name]), name
+            assert torch.equal(staged_q[f"{name}_scale"], two_pass_q[f"{name}_scale"]), name
+        else:
+            assert int(diff.max()) <= 4 and float((diff > 0).float().mean()) < 0.4, name
 
 
 def test_smoothquant_alpha_auto_is_searched_per_layer_and_reported(tiny_with_tokenizer, tmp_path):
