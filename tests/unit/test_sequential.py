@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
+from quantize import sequential
 from quantize.gptq import gptq_quantize
 from core.schemes import QuantArgs
 from quantize.sequential import GROUPS, calibrate_staged, staged
@@ -25,7 +27,9 @@ def _layer_and_inputs(batches: int = 3):
     return config, layer, [(torch.randn(2, 16, 64), kwargs) for _ in range(batches)]
 
 
-def test_staged_passes_record_and_return_what_the_layer_forward_does():
+@pytest.mark.parametrize("keep_bytes", [0, 1 << 30], ids=["gate-up-rerun", "down-input-kept"])
+def test_staged_passes_record_and_return_what_the_layer_forward_does(keep_bytes, monkeypatch):
+    monkeypatch.setattr(sequential, "KEEP_MLP_INPUT_BYTES", keep_bytes)
     config, layer, inputs = _layer_and_inputs()
     assert staged(config, layer)
     expected_out = [layer(h, **kw) for h, kw in inputs]
@@ -50,6 +54,25 @@ def test_staged_passes_record_and_return_what_the_layer_forward_does():
         for got, want in zip(recorded[name], batches):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for (got, _), want in zip(shell.inputs, expected_out):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 1 << 30], ids=["gate-up-rerun", "down-input-kept"])
+def test_quantized_down_proj_makes_the_propagated_outputs(keep_bytes, monkeypatch):
+    """The next layer's inputs come from the quantized down_proj (here zeroed), whether its inputs were kept
+    or gate/up ran again: the outputs are then the attention residual alone."""
+    monkeypatch.setattr(sequential, "KEEP_MLP_INPUT_BYTES", keep_bytes)
+    _, layer, inputs = _layer_and_inputs(batches=2)
+    residual = [h + layer.self_attn(hidden_states=layer.input_layernorm(h), **kw)[0] for h, kw in inputs]
+
+    def quantize_group(group: tuple[str, ...]) -> None:
+        if group == GROUPS[3]:
+            layer.mlp.down_proj.weight.data.zero_()
+
+    shell = SimpleNamespace(inputs=list(inputs), dtype=torch.float32, store_dtype=torch.float32)
+    with torch.no_grad():
+        calibrate_staged(layer, shell, lambda n, x: None, quantize_group, propagate=True)
+    for (got, _), want in zip(shell.inputs, residual):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
