@@ -54,33 +54,39 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs,
     perm = torch.argsort(torch.diag(h), descending=True) if config.actorder else torch.arange(cols, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
     hinv, damp = _inverse_hessian_chol(h, config.dampening, config.max_damp_retries)
-    q = torch.zeros(rows, cols, dtype=torch.float32, device=w.device)
     if not static:
         scale = torch.zeros(rows, cols // group, device=w.device)
         zero = torch.zeros(rows, cols // group, dtype=torch.int32, device=w.device)
-    perm_list = perm.tolist()
+    # columns as rows (w transposed): every per-column vector op then reads contiguous memory, not a stride
+    q = _quantize_columns(w.T.contiguous(), hinv, args, scale, zero, perm.tolist(), group, static, config.block_size)
+    return q.to(torch.float8_e4m3fn if args.type == "float" else torch.int8), scale, zero, damp
+
+
+def _quantize_columns(wt: torch.Tensor, hinv: torch.Tensor, args: QuantArgs, scale: torch.Tensor, zero: torch.Tensor,
+                      perm: list[int], group: int, static: bool, block_size: int) -> torch.Tensor:
+    """GPTQ's column loop on ``wt`` (``[cols, rows]``, permuted columns); fills ``scale``/``zero`` per group unless
+    ``static``; returns the grid values as ``[rows, cols]`` in the natural column order."""
+    cols, rows = wt.shape
+    q = torch.zeros(cols, rows, dtype=torch.float32, device=wt.device)
     diag = torch.diag(hinv).tolist()
     g_now, s, z = -1, None, None
-    for b0 in range(0, cols, config.block_size):
-        b1 = min(b0 + config.block_size, cols)
-        block, err = w[:, b0:b1].clone(), torch.zeros(rows, b1 - b0, device=w.device)
-        q_block = torch.zeros(rows, b1 - b0, device=w.device)
+    for b0 in range(0, cols, block_size):
+        b1 = min(b0 + block_size, cols)
+        block, err = wt[b0:b1].clone(), torch.zeros(b1 - b0, rows, device=wt.device)
         for i in range(b1 - b0):
-            g = perm_list[b0 + i] // group
+            g = perm[b0 + i] // group
             if not static and (b0 + i) % group == 0:  # as the reference: the group's weights before this block
-                gs, gz = numerics.compute_qparams(w[:, b0 + i:b0 + i + group], _channel(args))
+                gs, gz = numerics.compute_qparams(wt[b0 + i:b0 + i + group].T, _channel(args))
                 scale[:, g], zero[:, g] = gs[:, 0], gz[:, 0]
             if g != g_now:  # 1-D scale and zero of this column's group (float: cheap elementwise ops)
                 g_now, s, z = g, scale[:, g].contiguous(), zero[:, g].float()
-            column = block[:, i]
+            column = block[i]
             qcol = numerics.round_to_grid(column / s + z, args)
-            q_block[:, i] = qcol
-            e = (column - (qcol - z) * s) / diag[b0 + i]
-            block[:, i:].addr_(e, hinv[b0 + i, b0 + i:b1], alpha=-1)  # push the error onto later columns
-            err[:, i] = e
-        q[:, perm[b0:b1]] = q_block
-        w[:, b1:] -= err @ hinv[b0:b1, b1:]
-    return q.to(torch.float8_e4m3fn if args.type == "float" else torch.int8), scale, zero, damp
+            q[perm[b0 + i]] = qcol
+            torch.div(column - (qcol - z) * s, diag[b0 + i], out=err[i])
+            block[i:].addr_(hinv[b0 + i, b0 + i:b1], err[i], alpha=-1)  # push the error onto later columns
+        wt[b1:] -= hinv[b0:b1, b1:].T @ err
+    return q.T.contiguous()
 
 
 def _channel(args: QuantArgs) -> QuantArgs:
