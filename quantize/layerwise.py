@@ -21,17 +21,14 @@ from core.quantized import QuantizedWeight
 from quantize.methods import MethodError, Recipe, quantize_weight
 from core.schemes import QuantArgs, Scheme
 from quantize.sequential import GROUPS, calibrate_staged, staged
-from quantize.stats import Stats, StopLayer
+from quantize.capture import StopForward, stop_at
+from quantize.stats import Stats
 from quantize.folding import Folded, apply_transforms, check_family_modules, family_of
 
 BATCH = 4  # samples per forward: 8 gave the same speed with ~400 MiB more peak RSS (allocator high water)
 AWQ_SAMPLE_TOKENS = 4096
 ALPHA_SEARCH_TOKENS = 2048  # the alpha search runs 17 quantized matmuls per mapping on them
 REPORT_TOKENS = 1024  # enough for the report's cosine / relative error; fewer matmuls per linear
-
-
-class _Caught(Exception):
-    pass
 
 
 @dataclass
@@ -88,7 +85,7 @@ def _collect(layer: torch.nn.Module, shell: "_Layers", stats: Stats) -> Stats:
         for hidden, kwargs in shell.inputs:
             try:
                 layer(hidden.to(shell.dtype), **kwargs)
-            except StopLayer:
+            except StopForward:  # raised by the hook of the last linear once its input is recorded
                 pass
             stats.last = stats.order[-1] if stats.order else None
     finally:
@@ -153,21 +150,14 @@ def _catch_inputs(embed: torch.Tensor, config: Any, samples: torch.Tensor, devic
     with torch.device(device):  # rotary tables are buffers built in __init__
         base.rotary_emb = type(base.rotary_emb)(config=config)
     shell = _Layers(base.layers, [], dtype, embed.dtype, device)
-    first = base.layers[0]
 
-    class Catcher(torch.nn.Module):
-        def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-            kept = {k: v for k, v in kwargs.items() if k != "past_key_values"}
-            shell.inputs.append((hidden.to(shell.store_dtype), kept))
-            raise _Caught
+    def record(args: tuple, kwargs: dict) -> None:  # what layer 0 receives; its (meta) weights never run
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        shell.inputs.append((hidden.to(shell.store_dtype), {k: v for k, v in kwargs.items() if k != "past_key_values"}))
 
-    base.layers[0] = Catcher()
     for batch in samples.split(BATCH):
-        try:
+        with stop_at(base.layers[0], record):
             base(input_ids=batch.to(device), use_cache=False)
-        except _Caught:
-            pass
-    base.layers[0] = first
     del base.embed_tokens
     return shell
 
@@ -234,6 +224,88 @@ def _input_scale(stats: Stats, name: str, args: QuantArgs) -> torch.Tensor:
     return (absmax / ((args.qmax - args.qmin) / 2)).reshape(1).float()
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What every layer of one calibrated run shares."""
+
+    config: Any
+    scheme: Scheme
+    recipe: Recipe
+    is_target: Callable[[str], bool]
+    alpha: Optional[float]
+    gptq_config: Any
+    smooth_linears: bool
+    device: torch.device
+
+
+class _LayerJob:
+    """One decoder layer, in the order the work happens: load its weights, apply the recipe's transforms,
+    quantize its linears group by group while its inputs are recorded, make the next layer's inputs."""
+
+    def __init__(self, plan: _Plan, shell: _Layers, index: int, state: dict[str, torch.Tensor]) -> None:
+        self.plan, self.shell, self.prefix = plan, shell, f"model.layers.{index}."
+        self.report, self.quantized = LayerReport(index), {}
+        self.layer = shell.layers[index]
+        self.layer.to_empty(device=plan.device)
+        self.dtypes = {name: tensor.dtype for name, tensor in state.items()}
+        self.layer.load_state_dict({k[len(self.prefix):]: v for k, v in state.items()})
+        self.targets = {n: m for n, m in _linears(self.layer).items() if plan.is_target(self.prefix + n)}
+        self.args = {n: plan.scheme.weights_for(self.prefix + n) for n in self.targets}
+        self.folded, self.stats = Folded(), None
+
+    def transform(self) -> None:
+        """SmoothQuant/AWQ, on statistics of the float layer's inputs (kurtosis before them in the report)."""
+        plan = self.plan
+        family = family_of(plan.config, plan.recipe)
+        if family is None:
+            return
+        stats = _collect(self.layer, self.shell, _stats(self.shell, hessian=False,
+                                                        absmax="smoothquant" in plan.recipe.transforms,
+                                                        sample_tokens=_sample_tokens(plan.recipe, plan.alpha)))
+        self.report.input_kurtosis_before = {n: _kurtosis(stats.samples_of(n)) for n in self.targets}
+        self.report.weight_kurtosis_before = {n: _kurtosis(m.weight) for n, m in self.targets.items()}
+        self.folded = apply_transforms(self.layer, family, stats, plan.recipe, self.args, plan.alpha,
+                                       plan.smooth_linears, plan.scheme.input_activations,
+                                       self.report.smoothquant_alpha.__setitem__)
+
+    def quantize_group(self, names: tuple[str, ...]) -> None:
+        """Quantizes the targets among ``names`` from the statistics recorded so far."""
+        try:
+            group = _quantize_group(names, self.targets, self.args, self.stats, self.plan.recipe,
+                                    self.plan.gptq_config, self.folded, self.report)
+        except torch.linalg.LinAlgError as exc:
+            raise MethodError(f"GPTQ cannot use the calibration Hessian of {self.prefix}{'/'.join(names)} ({exc}); "
+                              f"try more or longer calibration samples (--num-samples, --calib-seq-len), a "
+                              f"larger --dampening (e.g. 0.1), or --method rtn") from None
+        scheme = self.plan.scheme
+        for name, qw in group.items():
+            scale = _input_scale(self.stats, name, scheme.input_activations) if scheme.static_activations else None
+            self.quantized[self.prefix + name] = qw.to_cpu(input_scale=scale)
+
+    def quantize(self, propagate: bool) -> None:
+        """Llama-style layers stage by stage in one pass; others record everything, quantize, then run again."""
+        scheme, recipe = self.plan.scheme, self.plan.recipe
+        self.stats = _stats(self.shell, hessian=recipe.quantizer == "gptq", absmax=scheme.static_activations)
+        if staged(self.plan.config, self.layer):
+            self.stats.share(GROUPS)
+            calibrate_staged(self.layer, self.shell, self.stats.record, self.quantize_group, propagate)
+        else:
+            _collect(self.layer, self.shell, self.stats)
+            self.quantize_group(tuple(self.targets))
+            if propagate:
+                _propagate(self.layer, self.shell)
+        self.stats = None
+
+    def release(self) -> dict[str, torch.Tensor]:
+        """The layer's float tensors (transformed, in their checkpoint dtypes); its memory goes back."""
+        floats = {self.prefix + k: v.detach().to("cpu", self.dtypes[self.prefix + k])
+                  for k, v in self.layer.state_dict().items()
+                  if self.prefix + k in self.dtypes and k.removesuffix(".weight") not in self.targets}
+        self.layer.to("meta")
+        release_freed_memory()
+        return floats
+
+
 def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str, torch.Tensor]], config: Any,
                       samples: torch.Tensor, scheme: Scheme, recipe: Recipe, is_target: Callable[[str], bool],
                       alpha: Optional[float] = 0.5, gptq_config: Any = None, device: str | torch.device = "cpu",
@@ -241,55 +313,16 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
                       ) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, QuantizedWeight], LayerReport]]:
     """Yields, per decoder layer, its float tensors (transformed), its quantized linears (on the CPU, with
     ``input_scale`` set for static activation schemes) and a report."""
-    device, family = torch.device(device), family_of(config, recipe)
-    shell = _catch_inputs(embed, config, samples, device)
+    family_of(config, recipe)  # an architecture the transforms cannot fold into fails before any work
+    plan = _Plan(config, scheme, recipe, is_target, alpha, gptq_config, smooth_linears, torch.device(device))
+    shell = _catch_inputs(embed, config, samples, plan.device)
     del embed  # the caller may drop its reference too: nothing here needs the embedding again
     release_freed_memory()
     for index in range(len(shell.layers)):
-        start, report, prefix = time.perf_counter(), LayerReport(index), f"model.layers.{index}."
-        layer = shell.layers[index]
-        layer.to_empty(device=device)
-        state = load_layer(index)
-        dtypes = {name: tensor.dtype for name, tensor in state.items()}
-        layer.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
-        del state
-        targets = {n: m for n, m in _linears(layer).items() if is_target(prefix + n)}
-        args = {n: scheme.weights_for(prefix + n) for n in targets}
-        folded = Folded()
-        if family is not None:
-            stats = _collect(layer, shell, _stats(shell, hessian=False, absmax="smoothquant" in recipe.transforms,
-                                                  sample_tokens=_sample_tokens(recipe, alpha)))
-            report.input_kurtosis_before = {n: _kurtosis(stats.samples_of(n)) for n in targets}
-            report.weight_kurtosis_before = {n: _kurtosis(m.weight) for n, m in targets.items()}
-            folded = apply_transforms(layer, family, stats, recipe, args, alpha, smooth_linears,
-                                      scheme.input_activations, report.smoothquant_alpha.__setitem__)
-        stats = _stats(shell, hessian=recipe.quantizer == "gptq", absmax=scheme.static_activations)
-        quantized: dict[str, QuantizedWeight] = {}
-
-        def quantize_group(names: tuple[str, ...]) -> None:
-            try:
-                group = _quantize_group(names, targets, args, stats, recipe, gptq_config, folded, report)
-            except torch.linalg.LinAlgError as exc:
-                raise MethodError(f"GPTQ cannot use the calibration Hessian of {prefix}{'/'.join(names)} ({exc}); "
-                                  f"try more or longer calibration samples (--num-samples, --calib-seq-len), a "
-                                  f"larger --dampening (e.g. 0.1), or --method rtn") from None
-            for name, qw in group.items():
-                scale = _input_scale(stats, name, scheme.input_activations) if scheme.static_activations else None
-                quantized[prefix + name] = qw.to_cpu(input_scale=scale)
-
-        propagate = index + 1 < len(shell.layers)  # the last layer's outputs feed nothing
-        if staged(config, layer):
-            stats.share(GROUPS)
-            calibrate_staged(layer, shell, stats.record, quantize_group, propagate)
-        else:
-            _collect(layer, shell, stats)
-            quantize_group(tuple(targets))
-            if propagate:
-                _propagate(layer, shell)
-        del stats
-        floats = {prefix + k: v.detach().to("cpu", dtypes[prefix + k]) for k, v in layer.state_dict().items()
-                  if prefix + k in dtypes and k.removesuffix(".weight") not in targets}
-        report.seconds = time.perf_counter() - start
-        layer.to("meta")
-        release_freed_memory()
-        yield index, floats, quantized, report
+        start = time.perf_counter()
+        job = _LayerJob(plan, shell, index, load_layer(index))
+        job.transform()
+        job.quantize(propagate=index + 1 < len(shell.layers))  # the last layer's outputs feed nothing
+        floats = job.release()
+        job.report.seconds = time.perf_counter() - start
+        yield index, floats, job.quantized, job.report

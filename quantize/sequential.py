@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 
+from quantize.capture import input_of
+
 GROUPS: tuple[tuple[str, ...], ...] = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("self_attn.o_proj",),
@@ -27,37 +29,10 @@ STAGED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 KEEP_MLP_INPUT_BYTES = 512 << 20
 
 
-class _Stop(Exception):
-    """Raised by a hook once the tensor a pass needs is recorded: the rest of the module is not needed."""
-
-
 def staged(config: Any, layer: torch.nn.Module) -> bool:
     """Whether ``layer`` can be calibrated stage by stage: a known architecture with every grouped linear."""
     names = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     return getattr(config, "model_type", None) in STAGED_MODEL_TYPES and names == {n for g in GROUPS for n in g}
-
-
-def _stop_at(module: torch.nn.Module, keep: Callable[[torch.Tensor], None]) -> torch.utils.hooks.RemovableHandle:
-    def hook(_module: torch.nn.Module, inputs: tuple) -> None:
-        keep(inputs[0])
-        raise _Stop
-
-    return module.register_forward_pre_hook(hook)
-
-
-def _input_of(module: torch.nn.Module, target: torch.nn.Module, run: Callable[[], Any]) -> torch.Tensor:
-    """Runs ``run`` (a forward of ``module``) until ``target`` is called; returns what ``target`` received."""
-    caught: list[torch.Tensor] = []
-    handle = _stop_at(target, caught.append)
-    try:
-        run()
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not caught:
-        raise RuntimeError(f"{type(module).__name__} never called {type(target).__name__}")
-    return caught[0]
 
 
 def _mlp_input_kept(shell: Any, mlp: torch.nn.Module, dtype: torch.dtype) -> bool:
@@ -83,7 +58,7 @@ def calibrate_staged(layer: torch.nn.Module, shell: Any, record: Callable[[str, 
     kept = [feed(GROUPS[0], layer.input_layernorm(hidden.to(dtype))) for hidden, _ in shell.inputs]
     quantize_group(GROUPS[0])
     for i, (_, kwargs) in enumerate(shell.inputs):  # o_proj's inputs replace the normed inputs
-        kept[i] = feed(GROUPS[1], _input_of(attn, attn.o_proj, lambda: attn(hidden_states=kept[i], **kwargs)))
+        kept[i] = feed(GROUPS[1], input_of(attn.o_proj, lambda: attn(hidden_states=kept[i], **kwargs)))
     quantize_group(GROUPS[1])
     for i, (hidden, kwargs) in enumerate(shell.inputs):
         residual = hidden.to(dtype) + attn.o_proj(kept[i])
@@ -92,7 +67,7 @@ def calibrate_staged(layer: torch.nn.Module, shell: Any, record: Callable[[str, 
     quantize_group(GROUPS[2])
     keep_mlp_input = propagate and _mlp_input_kept(shell, mlp, dtype)
     for i, normed in enumerate(kept):
-        down_in = feed(GROUPS[3], _input_of(mlp, mlp.down_proj, lambda: mlp(normed)))
+        down_in = feed(GROUPS[3], input_of(mlp.down_proj, lambda: mlp(normed)))
         kept[i] = down_in if keep_mlp_input else None
     quantize_group(GROUPS[3])
     if propagate:

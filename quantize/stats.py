@@ -6,11 +6,9 @@ from typing import Any, Callable
 
 import torch
 
+from quantize.capture import StopForward
+
 HESSIAN_BLOCKS = 4
-
-
-class StopLayer(Exception):
-    """Raised once the last linear's input is recorded: the rest of the layer's output is not needed."""
 
 
 def _add_upper_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
@@ -83,7 +81,7 @@ class Stats:
         def record(_module: torch.nn.Module, inputs: tuple) -> None:
             self.record(name, inputs[0])
             if name == self.last:
-                raise StopLayer
+                raise StopForward  # the rest of the layer's output is not needed
 
         return record
 
