@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -22,27 +22,13 @@ from quantize.methods import MethodError, Recipe, quantize_weight
 from core.schemes import QuantArgs, Scheme
 from quantize.sequential import GROUPS, calibrate_staged, staged
 from quantize.capture import StopForward, stop_at
+from quantize.report import REPORT_TOKENS, LayerReport, kurtosis, report_linear
 from quantize.stats import Stats
 from quantize.folding import Folded, apply_transforms, check_family_modules, family_of
 
 BATCH = 4  # samples per forward: 8 gave the same speed with ~400 MiB more peak RSS (allocator high water)
 AWQ_SAMPLE_TOKENS = 4096
 ALPHA_SEARCH_TOKENS = 2048  # the alpha search runs 17 quantized matmuls per mapping on them
-REPORT_TOKENS = 1024  # enough for the report's cosine / relative error; fewer matmuls per linear
-
-
-@dataclass
-class LayerReport:
-    index: int
-    seconds: float = 0.0
-    dampening: dict[str, float] = field(default_factory=dict)
-    output_cosine: dict[str, float] = field(default_factory=dict)
-    output_rel_error: dict[str, float] = field(default_factory=dict)
-    weight_kurtosis: dict[str, float] = field(default_factory=dict)  # as quantized (after transforms)
-    input_kurtosis: dict[str, float] = field(default_factory=dict)
-    weight_kurtosis_before: dict[str, float] = field(default_factory=dict)  # before transforms
-    input_kurtosis_before: dict[str, float] = field(default_factory=dict)
-    smoothquant_alpha: dict[str, float] = field(default_factory=dict)  # per mapping, by its first balance linear
 
 
 def release_freed_memory() -> None:
@@ -52,12 +38,6 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
-
-
-def _kurtosis(t: torch.Tensor) -> float:
-    t = t.float().flatten()
-    centered = t - t.mean()
-    return float(centered.pow(4).mean() / centered.pow(2).mean().clamp(min=1e-20).pow(2))
 
 
 def _linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -182,20 +162,6 @@ def _quantize_rows(names: list[str], targets: dict[str, torch.nn.Linear], args: 
     return parts
 
 
-def _report_linear(name: str, weight: torch.Tensor, new_weight: torch.Tensor, stats: Stats, folded: Folded,
-                   report: LayerReport) -> None:
-    """Output error of the quantized linear against the original float one, on the same inputs: against the
-    weights before AWQ's clipping, with outputs mapped back where a transform divided the linear's rows."""
-    x = stats.samples_of(name)[:REPORT_TOKENS]
-    ref_out, q_out = x @ folded.reference.get(name, weight).T, x @ new_weight.T
-    if name in folded.out_scale:
-        ref_out, q_out = ref_out * folded.out_scale[name], q_out * folded.out_scale[name]
-    report.output_cosine[name] = float(torch.nn.functional.cosine_similarity(ref_out.flatten(), q_out.flatten(), dim=0))
-    report.output_rel_error[name] = float((q_out - ref_out).norm() / ref_out.norm().clamp(min=1e-12))
-    report.weight_kurtosis[name] = _kurtosis(weight)
-    report.input_kurtosis[name] = _kurtosis(x)
-
-
 def _quantize_group(names: tuple[str, ...], targets: dict[str, torch.nn.Linear], args: dict[str, QuantArgs],
                     stats: Stats, recipe: Recipe, gptq_config: Any, folded: Folded,
                     report: LayerReport) -> dict[str, QuantizedWeight]:
@@ -210,7 +176,7 @@ def _quantize_group(names: tuple[str, ...], targets: dict[str, torch.nn.Linear],
         for name, qw in _quantize_rows(run, targets, args[run[0]], stats, recipe, gptq_config).items():
             linear = targets[name]
             new_weight = qw.dequantize()
-            _report_linear(name, linear.weight.detach().float(), new_weight, stats, folded, report)
+            report_linear(name, linear.weight.detach().float(), new_weight, stats, folded, report)
             if qw.dampening is not None:
                 report.dampening[name] = qw.dampening
             linear.weight.data = new_weight.to(linear.weight.dtype)
@@ -262,8 +228,8 @@ class _LayerJob:
         stats = _collect(self.layer, self.shell, _stats(self.shell, hessian=False,
                                                         absmax="smoothquant" in plan.recipe.transforms,
                                                         sample_tokens=_sample_tokens(plan.recipe, plan.alpha)))
-        self.report.input_kurtosis_before = {n: _kurtosis(stats.samples_of(n)) for n in self.targets}
-        self.report.weight_kurtosis_before = {n: _kurtosis(m.weight) for n, m in self.targets.items()}
+        self.report.input_kurtosis_before = {n: kurtosis(stats.samples_of(n)) for n in self.targets}
+        self.report.weight_kurtosis_before = {n: kurtosis(m.weight) for n, m in self.targets.items()}
         self.folded = apply_transforms(self.layer, family, stats, plan.recipe, self.args, plan.alpha,
                                        plan.smooth_linears, plan.scheme.input_activations,
                                        self.report.smoothquant_alpha.__setitem__)

@@ -130,7 +130,7 @@ def test_transforms_run_in_recipe_order_on_the_activations_as_they_are(method, m
 def test_awq_keeps_the_unclipped_weights_as_the_report_reference():
     """The per-layer report measures against the float function: the weights after AWQ's equivalent scaling
     but before its (lossy) clipping, and a smoothing linear's outputs mapped back by its row scale."""
-    from quantize.layerwise import LayerReport, _report_linear
+    from quantize.report import LayerReport, report_linear
 
     torch.manual_seed(5)
     layer = torch.nn.ModuleDict({"input_layernorm": torch.nn.RMSNorm(64), "q": torch.nn.Linear(64, 32, bias=False)})
@@ -146,6 +146,6 @@ def test_awq_keeps_the_unclipped_weights_as_the_report_reference():
     assert not torch.equal(clipped, folded.reference["q"])  # clipping changed some groups
     report = LayerReport(0)
     stats.samples_of = lambda name: x / s
-    _report_linear("q", clipped, clipped, stats, folded, report)  # "quantized" to the clipped weights themselves
+    report_linear("q", clipped, clipped, stats, folded, report)  # "quantized" to the clipped weights themselves
     expected = float((x @ (clipped / s).T - x @ original.T).norm() / (x @ original.T).norm())
     assert report.output_rel_error["q"] == pytest.approx(expected, rel=1e-4) and expected > 1e-3
