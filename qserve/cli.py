@@ -91,7 +91,7 @@ def quantize(ctx: typer.Context,
     from quantize.gptq import GPTQConfig
     from quantize.methods import parse_alpha, parse_recipe
     from quantize.pipeline import QuantizeOptions, quantize_checkpoint
-    from core.schemes import QuantArgs, SchemeError, get_scheme, parse_override
+    from core.schemes import SchemeError, get_scheme, parse_override
 
     auto = group_size is not None and group_size.lower() == "auto"
     if group_size is not None and not auto and not group_size.isdigit():

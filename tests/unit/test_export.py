@@ -4,7 +4,6 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from exporters import compressed_tensors as ct
 from core.atomic import OutputExistsError, atomic_output_dir

@@ -7,7 +7,7 @@ import torch
 
 from core.schemes import QuantArgs, get_scheme
 from quantize.calibration import CalibrationSpec
-from quantize.gptq import GPTQConfig, gptq_quantize
+from quantize.gptq import gptq_quantize
 from quantize.methods import MethodError
 from quantize.pipeline import QuantizeOptions, quantize_checkpoint
 from quantize.stats import Stats
