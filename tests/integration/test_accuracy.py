@@ -119,24 +119,34 @@ def test_lambada_through_the_gateway_agrees_with_transformers_item_by_item(bf16_
 
 
 def test_gsm8k_scores_the_served_answers_final_number(bf16_gateway, demo_model):
-    """GSM8K items whose references are the final numbers transformers' greedy answer gives on the same
-    checkpoint (with the runner's instruction and chat template): the served greedy answers must score them
-    as matches. A runner that sent another prompt, cut answers short or extracted the wrong number would not
-    (a near tie in bf16 may change one answer)."""
+    """GSM8K through the gateway scores the final number of the engine's own greedy answer to the runner's
+    prompt: references taken from answers fetched directly (same instruction, same max_tokens, one request at
+    a time, a fresh prefix cache) must all match, and the same references plus one must all miss. A runner
+    that sent another prompt, cut answers short or extracted another number would not. (Transformers is not
+    the reference here: bf16 greedy generations of ~100 tokens diverge between engines; measured 2 of 4.)"""
+    import uuid
+
+    import httpx
     from transformers import AutoTokenizer
 
     from accuracy.scoring import extract_number
     from accuracy.task_runner import GENERATION_INSTRUCTION
     from accuracy.tasks import Item, Task
 
-    max_tokens = 96
-    items = load_task("gsm8k", limit=8).items
-    answers = local_chat_answers(demo_model, [i.context + GENERATION_INSTRUCTION for i in items], max_tokens)
-    numbered = [Item(i.context, reference=f"#### {extract_number(a)}") for i, a in zip(items, answers)
-                if extract_number(a) is not None][:4]
-    assert len(numbered) >= 2, answers  # the demo model answers most questions with some number
-    task = Task("gsm8k-self", "generation", tuple(numbered))
-    served = run_task(bf16_gateway.url, "bf16", AutoTokenizer.from_pretrained(demo_model), task,
-                      max_tokens=max_tokens, progress=False)
-    print(f"\ngsm8k against transformers' own answers: {served['metrics']}")
-    assert served["metrics"]["exact_match"] * len(numbered) >= len(numbered) - 1
+    max_tokens, items = 96, load_task("gsm8k", limit=6).items
+    found = []
+    for item in items:
+        body = {"model": "bf16", "messages": [{"role": "user", "content": item.context + GENERATION_INSTRUCTION}],
+                "max_tokens": max_tokens, "temperature": 0.0, "cache_salt": uuid.uuid4().hex}
+        answer = httpx.post(f"{bf16_gateway.url}/v1/chat/completions", json=body, timeout=300).json()
+        number = extract_number(answer["choices"][0]["message"]["content"] or "")
+        if number is not None:
+            found.append((item, number))
+    assert len(found) >= 3, found  # the demo model answers most questions with some number
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    for shift, expected in ((0, 1.0), (1, 0.0)):
+        task = Task("gsm8k-served", "generation",
+                    tuple(Item(i.context, reference=f"#### {n}{'1' * shift}") for i, n in found))
+        served = run_task(bf16_gateway.url, "bf16", tokenizer, task, concurrency=1, max_tokens=max_tokens,
+                          progress=False)
+        assert served["metrics"]["exact_match"] == expected, (shift, served["metrics"], found)

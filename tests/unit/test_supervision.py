@@ -91,3 +91,28 @@ def test_a_vllm_server_orphaned_by_a_killed_reaper_is_cleared_before_a_restart(t
         for p in (orphan, bystander):
             p.kill()
             p.wait()
+
+
+def test_an_engine_writes_temp_files_in_its_own_folder_removed_at_stop(tmp_path, monkeypatch):
+    """vLLM leaves vllm_dist_* folders in TMPDIR; each engine gets a private TMPDIR that goes when it stops."""
+    import sys
+    import tempfile
+    import time
+
+    from serving.engine import EngineConfig, VLLMEngine
+
+    writer = ("import os, tempfile, time; open(os.path.join(tempfile.gettempdir(), 'vllm_dist_x'), 'w').close(); "
+              "time.sleep(60)")
+    monkeypatch.setattr(EngineConfig, "command", lambda self: [sys.executable, "-c", writer])
+    engine = VLLMEngine(EngineConfig(model_dir=tmp_path, served_name="m", port=18766, log_path=tmp_path / "log"))
+    engine.start()
+    try:
+        private = engine.tmp_dir
+        for _ in range(100):
+            if (private / "vllm_dist_x").exists():
+                break
+            time.sleep(0.1)
+        assert (private / "vllm_dist_x").exists() and private.parent == Path(tempfile.gettempdir())
+    finally:
+        engine.stop()
+    assert not private.exists() and engine.tmp_dir is None
