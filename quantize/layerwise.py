@@ -24,7 +24,7 @@ from quantize.sequential import GROUPS, calibrate_staged, staged
 from quantize.capture import StopForward, stop_at
 from quantize.report import REPORT_TOKENS, LayerReport, kurtosis, report_linear
 from quantize.stats import Stats
-from quantize.folding import Folded, apply_transforms, check_family_modules, family_of
+from quantize.folding import Family, Folded, apply_transforms, check_family_modules, family_of
 
 BATCH = 4  # samples per forward: 8 gave the same speed with ~400 MiB more peak RSS (allocator high water)
 AWQ_SAMPLE_TOKENS = 4096
@@ -202,6 +202,7 @@ class _Plan:
     gptq_config: Any
     smooth_linears: bool
     device: torch.device
+    family: Optional[Family]  # where the transforms fold; None when the recipe has none
 
 
 class _LayerJob:
@@ -221,8 +222,7 @@ class _LayerJob:
 
     def transform(self) -> None:
         """SmoothQuant/AWQ, on statistics of the float layer's inputs (kurtosis before them in the report)."""
-        plan = self.plan
-        family = family_of(plan.config, plan.recipe)
+        plan, family = self.plan, self.plan.family
         if family is None:
             return
         stats = _collect(self.layer, self.shell, _stats(self.shell, hessian=False,
@@ -279,8 +279,9 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
                       ) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, QuantizedWeight], LayerReport]]:
     """Yields, per decoder layer, its float tensors (transformed), its quantized linears (on the CPU, with
     ``input_scale`` set for static activation schemes) and a report."""
-    family_of(config, recipe)  # an architecture the transforms cannot fold into fails before any work
-    plan = _Plan(config, scheme, recipe, is_target, alpha, gptq_config, smooth_linears, torch.device(device))
+    # an architecture the transforms cannot fold into fails here, before any work
+    plan = _Plan(config, scheme, recipe, is_target, alpha, gptq_config, smooth_linears, torch.device(device),
+                 family_of(config, recipe))
     shell = _catch_inputs(embed, config, samples, plan.device)
     del embed  # the caller may drop its reference too: nothing here needs the embedding again
     release_freed_memory()
