@@ -6,11 +6,9 @@ import asyncio
 import contextlib
 import importlib.util
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,9 +92,6 @@ class VLLMEngine:
 
     config: EngineConfig
     process: Optional[subprocess.Popen] = field(default=None, init=False)
-    # vLLM writes files into TMPDIR (vllm_dist_*, for torch.distributed's rendezvous) and leaves them there:
-    # each engine gets a private one, removed when it stops
-    tmp_dir: Optional[Path] = field(default=None, init=False)
 
     @property
     def url(self) -> str:
@@ -110,11 +105,9 @@ class VLLMEngine:
         self.config.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.config.log_path, "ab")
         cmd = [sys.executable, "-m", "serving.reaper", "--", *self.config.command()]
-        self._remove_tmp()
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix="qserve-vllm-"))
-        env = {**_engine_env(self.config.env), "TMPDIR": str(self.tmp_dir)}
+        # the reaper gives vLLM a private TMPDIR and removes it, however the engine ends
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, cwd=str(Path(__file__).resolve().parent.parent))
+                                        env=_engine_env(self.config.env), cwd=str(Path(__file__).resolve().parent.parent))
         log.close()
 
     def kill_orphans(self) -> list[int]:
@@ -159,7 +152,6 @@ class VLLMEngine:
             return
         if self.process.poll() is not None:  # the reaper is gone: what it may have left behind goes too
             self.kill_orphans()
-            self._remove_tmp()
             return
         self.process.terminate()
         try:
@@ -167,9 +159,3 @@ class VLLMEngine:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self._remove_tmp()
-
-    def _remove_tmp(self) -> None:
-        if self.tmp_dir is not None:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
-            self.tmp_dir = None

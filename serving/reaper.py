@@ -4,14 +4,19 @@
 processes of its own; killing only the top one can leave them running. The reaper kills the group
 when it is told to stop (SIGTERM/SIGINT), when the command exits, and when its own parent dies
 (a gateway killed with SIGKILL cannot clean up, so the reaper notices the re-parenting instead).
+
+The command gets a private temp dir (``TMPDIR``), removed once its group is down: vLLM leaves files there
+(``vllm_dist_*`` for torch.distributed's rendezvous), and only the reaper outlives the group in every case.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 GRACE_SECONDS = 10.0
@@ -41,8 +46,17 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] != "--" or len(argv) < 2:
         print("usage: python -m serving.reaper -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
+    private_tmp = tempfile.mkdtemp(prefix="qserve-engine-")
+    try:
+        return _supervise(argv[1:], {**os.environ, "TMPDIR": private_tmp})
+    finally:
+        shutil.rmtree(private_tmp, ignore_errors=True)
+
+
+def _supervise(command: list[str], env: dict[str, str]) -> int:
+    """Runs ``command`` in a session of its own until it exits, the reaper is stopped or its parent dies."""
     parent = os.getppid()
-    child = subprocess.Popen(argv[1:], start_new_session=True)
+    child = subprocess.Popen(command, start_new_session=True, env=env)
     stopping = False
 
     def stop(signum: int, _frame: object) -> None:

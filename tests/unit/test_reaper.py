@@ -73,3 +73,24 @@ def test_parent_killed_with_sigkill_still_kills_the_group():
 def test_command_exit_code_is_passed_on():
     result = subprocess.run([sys.executable, "-m", "serving.reaper", "--", "bash", "-c", "exit 3"], cwd=ROOT, timeout=20)
     assert result.returncode == 3
+
+
+def test_the_private_temp_dir_goes_even_when_the_parent_is_killed(tmp_path):
+    """The command's TMPDIR is a folder of the reaper's own, removed after a SIGKILL to the gateway too."""
+    marker = f"{os.getpid()}93.5"
+    where = tmp_path / "tmpdir"
+    command = [sys.executable, "-c", "import subprocess,sys,time; subprocess.Popen(sys.argv[1:]); time.sleep(600)",
+               sys.executable, "-m", "serving.reaper", "--", "bash", "-c",
+               f"touch $TMPDIR/vllm_dist_x; echo -n $TMPDIR > {where}; sleep {marker}"]
+    parent = subprocess.Popen(command, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 10
+        while not (where.exists() and where.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        private = Path(where.read_text())
+        assert (private / "vllm_dist_x").exists() and private.name.startswith("qserve-engine-")
+        parent.kill()
+        parent.wait()
+        assert _wait_gone(f"sleep {marker}") == [] and not private.exists()
+    finally:
+        subprocess.run(["pkill", "-f", f"sleep {marker}"], capture_output=True)

@@ -101,18 +101,19 @@ def test_an_engine_writes_temp_files_in_its_own_folder_removed_at_stop(tmp_path,
 
     from serving.engine import EngineConfig, VLLMEngine
 
+    where = tmp_path / "tmpdir"
     writer = ("import os, tempfile, time; open(os.path.join(tempfile.gettempdir(), 'vllm_dist_x'), 'w').close(); "
-              "time.sleep(60)")
+              f"open({str(where)!r}, 'w').write(tempfile.gettempdir()); time.sleep(60)")
     monkeypatch.setattr(EngineConfig, "command", lambda self: [sys.executable, "-c", writer])
     engine = VLLMEngine(EngineConfig(model_dir=tmp_path, served_name="m", port=18766, log_path=tmp_path / "log"))
     engine.start()
     try:
-        private = engine.tmp_dir
         for _ in range(100):
-            if (private / "vllm_dist_x").exists():
+            if where.exists() and where.read_text():
                 break
             time.sleep(0.1)
+        private = Path(where.read_text())
         assert (private / "vllm_dist_x").exists() and private.parent == Path(tempfile.gettempdir())
     finally:
         engine.stop()
-    assert not private.exists() and engine.tmp_dir is None
+    assert not private.exists()
