@@ -67,7 +67,10 @@ def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool
     # weights rounded to bf16 as the checkpoint stores them; computed in float32 by default (the exact figure,
     # the same on CPUs with and without bf16 units); "auto" computes as the calibrated layers ran
     dtype = compute_dtype(torch.device("cpu"), torch.bfloat16) if dtype_name == "auto" else getattr(torch, dtype_name)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    # a rotated checkpoint stores its LM head on its own (the rotation unties it)
+    untie = {} if ckpt is None else {"tie_word_embeddings": json.loads((ckpt / "config.json").read_text())
+                                      .get("tie_word_embeddings", True)}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **untie)
     if ckpt is not None:
         state = {k: v.to(dtype) for k, v in dequantized_state_dict(ckpt, torch.bfloat16).items()}
         missing, _ = model.load_state_dict(state, strict=False)

@@ -82,6 +82,9 @@ def quantize(ctx: typer.Context,
              dampening: float = typer.Option(0.01, help="GPTQ dampening (raised automatically if needed)."),
              report_png: bool = typer.Option(False, help="Also draw the calibrated methods' per-layer report "
                                                          "(quantization_report.png)."),
+             rotate: Optional[str] = typer.Option(None, help="Fuse a rotation into the weights first (QuaRot-style): "
+                                                             "hadamard, or orthogonal (random)."),
+             rotate_seed: int = typer.Option(0, help="Seed of the rotation's random signs or matrix."),
              force: bool = typer.Option(False, help="Overwrite an existing output directory.")) -> None:
     """Quantize a checkpoint and write it in the compressed-tensors layout vLLM loads."""
     from dataclasses import replace
@@ -104,16 +107,20 @@ def quantize(ctx: typer.Context,
     chosen = replace(chosen, weights=replace(weights, observer=observer),
                      overrides=tuple(parse_override(o, symmetric=not asymmetric) for o in override))
     recipe = parse_recipe(method)
-    _refuse_inapplicable(ctx, recipe, chosen)
+    _refuse_inapplicable(ctx, recipe, chosen, rotate)
+    if rotate is not None:
+        from quantize.rotation import check_kind
+
+        check_kind(rotate)
     alpha = parse_alpha(smoothquant_alpha)
     options = QuantizeOptions(
         calibration=CalibrationSpec(num_samples=num_samples, seq_len=calib_seq_len, seed=seed, path=calib_file),
         smoothquant_alpha=alpha, smooth_linears=smooth_linears, gptq=GPTQConfig(actorder=actorder, dampening=dampening),
-        device=device, auto_group_size=auto, report_png=report_png)
+        device=device, auto_group_size=auto, report_png=report_png, rotate=rotate, rotate_seed=rotate_seed)
     quantize_checkpoint(resolve_model(model), chosen, method, output, force=force, log=typer.echo, options=options)
 
 
-def _refuse_inapplicable(ctx: typer.Context, recipe, scheme) -> None:
+def _refuse_inapplicable(ctx: typer.Context, recipe, scheme, rotate: Optional[str]) -> None:
     """Options of a method or a data path that this run does not take fail in one line, never silently."""
     calibrated = recipe.needs_calibration or scheme.static_activations
     checks = [
@@ -121,6 +128,7 @@ def _refuse_inapplicable(ctx: typer.Context, recipe, scheme) -> None:
         ("smoothquant" not in recipe.transforms, ("smoothquant_alpha", "smooth_linears"),
          "without SmoothQuant (e.g. --method smoothquant+gptq)"),
         (scheme.weights.type == "float", ("asymmetric",), "to FP8 weights, which are symmetric"),
+        (rotate is None, ("rotate_seed",), "without a rotation (e.g. --rotate hadamard)"),
         (not calibrated, ("calib_file", "num_samples", "calib_seq_len", "seed", "device", "report_png"),
          f"to {recipe.name} on {scheme.name}, which needs no calibration data (it streams tensor by tensor); "
          f"use a calibrated method or a static-activation scheme"),

@@ -6,9 +6,11 @@ tensor; calibrated methods will hook in per decoder layer. The output appears at
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from core.progress import progress as progress_bar
-from core.checkpoint import AUX_FILES, qserve_version, weight_files
+from core.checkpoint import AUX_FILES, iter_tensors, layer_loader, qserve_version, weight_files
 from exporters import compressed_tensors
 from core.atomic import atomic_output_dir
 from core.models import ModelError
@@ -44,6 +46,7 @@ class QuantizeReport:
     source_sha256: str
     skipped: list[str] = field(default_factory=list)
     calibration: Optional[dict] = None
+    rotation: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__, qserve_version=qserve_version())
@@ -56,15 +59,6 @@ def meta_model(model_dir: Path) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
-
-
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
 
 
 def _tensor_shapes(files: list[Path]) -> dict[str, list[int]]:
@@ -103,30 +97,12 @@ def _sha256_files(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _layer_loader(files: list[Path], layer_prefix: str = "model.layers.") -> Callable[[int], dict[str, torch.Tensor]]:
-    """``load(i)``: the tensors of decoder layer ``i`` read from disk; ``load(-1)``: everything outside the layers."""
-    from safetensors import safe_open
-
-    def load(index: int) -> dict[str, torch.Tensor]:
-        prefix = f"{layer_prefix}{index}."
-        out = {}
-        for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    inside = key.startswith(layer_prefix)
-                    if (index < 0 and not inside) or (index >= 0 and key.startswith(prefix)):
-                        out[key] = f.get_tensor(key)
-        return out
-
-    return load
-
-
 def _write_streamed(files: list[Path], targets: dict[str, str], scheme: Scheme, recipe: Recipe,
                     writer: ShardWriter, progress: bool) -> list[dict]:
     """Round-to-nearest needs no data: each tensor is read, quantized if targeted, written, freed."""
     with progress_bar(total=len(targets), desc=f"quantize {scheme.name}/{recipe.name}", unit="linear",
                       disable=not progress) as bar:
-        for key, tensor in _iter_tensors(files):
+        for key, tensor in iter_tensors(files):
             if key in targets:
                 qw = quantize_weight(tensor, scheme.weights_for(targets[key]), recipe.quantizer)
                 writer.add(compressed_tensors.layer_tensors(targets[key], qw, scheme, tensor.dtype))
@@ -147,7 +123,7 @@ def _write_calibrated(model_dir: Path, files: list[Path], targets: dict[str, str
     from quantize.layerwise import calibrated_layers
 
     config = AutoConfig.from_pretrained(model_dir)
-    load = _layer_loader(files)
+    load = layer_loader(files)
     outside = load(-1)
     writer.add(outside)  # spilled to disk at once
     embed = outside.pop("model.embed_tokens.weight")  # read once: written out and used for the calibration inputs
@@ -192,6 +168,27 @@ def _check_device(device: str) -> None:
         raise ModelError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
 
 
+@contextlib.contextmanager
+def _weights_source(model_dir: Path, options: "QuantizeOptions", out_tmp: Path,
+                    log: Callable[[str], None]) -> Iterator[tuple[Path, Optional[dict]]]:
+    """The checkpoint the quantizer reads: ``model_dir``, or a rotated copy of it (beside the output, removed
+    afterwards) when ``options.rotate`` asks for one."""
+    if not options.rotate:
+        yield model_dir, None
+        return
+    from quantize.rotation import rotate_checkpoint
+
+    rotated = Path(tempfile.mkdtemp(prefix=".rotated-", dir=out_tmp.parent))
+    try:
+        report = rotate_checkpoint(model_dir, rotated, options.rotate, options.rotate_seed)
+        untied = (f"; the LM head was tied to the embeddings and is now stored on its own "
+                  f"(+{report['lm_head_bytes_added'] / 2**20:.1f} MiB)" if report["untied_lm_head"] else "")
+        log(f"rotated the residual stream and attention heads ({options.rotate}, seed {options.rotate_seed}){untied}")
+        yield rotated, report
+    finally:
+        shutil.rmtree(rotated, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class QuantizeOptions:
     """Knobs of the calibrated methods; the defaults are the usual ones."""
@@ -203,6 +200,8 @@ class QuantizeOptions:
     device: str = "cpu"  # where calibrated layers run: "cpu", "cuda", "cuda:1"
     auto_group_size: bool = False  # per layer, the largest group size that divides its inputs
     report_png: bool = False  # also draw the per-layer report (quantization_report.png; needs matplotlib)
+    rotate: Optional[str] = None  # a rotation of quantize.rotation.ROTATIONS fused into the weights first
+    rotate_seed: int = 0
 
 
 def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: Path, force: bool = False,
@@ -225,6 +224,10 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
     check_group_fit(scheme, targets, shapes)
     check_fused_consistent(scheme, targets)
     _check_device(options.device)
+    if options.rotate:
+        from quantize.rotation import rotation_family
+
+        rotation_family(model.config, options.rotate)
     needs_calibration = recipe.needs_calibration or scheme.static_activations
     calibration_report = None
     if needs_calibration:
@@ -238,16 +241,16 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
         log(f"calibrating on {samples.shape[0]} x {samples.shape[1]} tokens of {calibration_report['file']}")
     del model
     target_weights = {f"{n}.weight": n for n in targets}
-    config = json.loads((model_dir / "config.json").read_text())
 
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force=force) as tmp, _weights_source(model_dir, options, tmp, log) as (source, rotation):
         writer = ShardWriter(tmp)
         if needs_calibration:
-            layer_reports = _write_calibrated(model_dir, files, target_weights, scheme, recipe, writer, samples,
-                                              options, progress, log)
+            layer_reports = _write_calibrated(source, weight_files(source), target_weights, scheme, recipe, writer,
+                                              samples, options, progress, log)
         else:
-            layer_reports = _write_streamed(files, target_weights, scheme, recipe, writer, progress)
+            layer_reports = _write_streamed(weight_files(source), target_weights, scheme, recipe, writer, progress)
         writer.close()
+        config = json.loads((source / "config.json").read_text())
         for name in AUX_FILES:
             if (model_dir / name).exists():
                 shutil.copy2(model_dir / name, tmp / name)
@@ -257,7 +260,7 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
             source=str(model_dir), output=str(out_dir), scheme=scheme.to_dict(), method=recipe.name,
             quantized_layers=len(targets), seconds=round(time.perf_counter() - start, 2),
             size_bytes=writer.total_bytes, source_size_bytes=sum(p.stat().st_size for p in files),
-            source_sha256=_sha256_files(files), skipped=skipped, calibration=calibration_report)
+            source_sha256=_sha256_files(files), skipped=skipped, calibration=calibration_report, rotation=rotation)
         (tmp / "qserve.json").write_text(json.dumps(report.to_dict(), indent=2))
         if layer_reports:
             title = f"{model_dir.name}: {scheme.name} / {recipe.name}" if options.report_png else None

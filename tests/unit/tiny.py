@@ -29,12 +29,12 @@ def _add_tokenizer(path, vocab_size: int = 300):
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
 
 
-def make_tiny_llama_with_tokenizer(path):
+def make_tiny_llama_with_tokenizer(path, tie_word_embeddings: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=300, tie_word_embeddings=False)
+                         num_key_value_heads=4, vocab_size=300, tie_word_embeddings=tie_word_embeddings)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     _add_tokenizer(path)
     return path
