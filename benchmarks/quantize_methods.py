@@ -25,9 +25,12 @@ RECIPES = [("w4a16", "rtn", {}), ("w4a16", "gptq", {}), ("w4a16", "awq", {}), ("
            ("w4a16", "awq", {"symmetric": False}), ("w4a16", "awq+gptq", {"symmetric": False}),
            ("w4a16", "awq+gptq/actorder", {"symmetric": False}),
            ("w8a8", "rtn", {}), ("w8a8", "smoothquant", {}), ("w8a8", "gptq", {}), ("w8a8", "smoothquant+gptq", {}),
-           ("w8a8", "smoothquant+gptq/aauto", {}), ("w8a8", "smoothquant+gptq/aauto/linears", {})]
+           ("w8a8", "smoothquant+gptq/aauto", {}), ("w8a8", "smoothquant+gptq/aauto/linears", {}),
+           ("w4a16", "rtn/rot", {}), ("w4a16", "gptq/rot", {}), ("w4a16", "gptq/rot", {"symmetric": False}),
+           ("w8a8", "rtn/rot", {}), ("w8a8", "gptq/rot", {})]
 # label options after the method: "/actorder" GPTQ with activation ordering, "/aX" SmoothQuant alpha X (0.5
-# otherwise; "/aauto" searched per layer), "/linears" SmoothQuant also from up_proj into down_proj
+# otherwise; "/aauto" searched per layer), "/linears" SmoothQuant also from up_proj into down_proj, "/rot"
+# the Hadamard rotation (--rotate hadamard) first
 
 CHILD = """
 import json, sys, time
@@ -42,7 +45,7 @@ scheme = replace(scheme, weights=replace(scheme.weights, **{weight_overrides!r})
 from quantize.gptq import GPTQConfig
 opts = QuantizeOptions(calibration=CalibrationSpec(num_samples={samples}, seq_len={seq_len}),
                        gptq=GPTQConfig(actorder={actorder!r}), smooth_linears={smooth_linears!r},
-                       smoothquant_alpha={alpha!r})
+                       smoothquant_alpha={alpha!r}, rotate={rotate!r})
 start = time.perf_counter()
 quantize_checkpoint(Path({model!r}), scheme, {method!r}.split("/")[0], Path({out!r}), force=True, progress=False, options=opts,
                     log=lambda m: None)
@@ -122,8 +125,9 @@ def main() -> None:
             out = Path(tmp) / f"{label}-{method.replace('/', '-')}"
             options = method.split("/")[1:]
             alpha = next((parse_alpha(o[1:]) for o in options if o.startswith("a") and o != "actorder"), 0.5)
+            rotate = "hadamard" if "rot" in options else None
             code = CHILD.format(root=str(ROOT), scheme=scheme, weight_overrides=overrides, samples=args.samples,
-                                actorder="actorder" in options, smooth_linears="linears" in options, alpha=alpha,
+                                actorder="actorder" in options, smooth_linears="linears" in options, alpha=alpha, rotate=rotate,
                                 seq_len=args.seq_len, model=str(model), method=method, out=str(out))
             result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if result.returncode:

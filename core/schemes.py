@@ -100,6 +100,7 @@ class Scheme:
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ("lm_head",)
     overrides: tuple[Override, ...] = ()
+    kv_cache: Optional[QuantArgs] = None  # static per-tensor scales of the attention's keys and values
 
     def __post_init__(self) -> None:
         for o in self.overrides:
@@ -131,6 +132,7 @@ class Scheme:
             "targets": list(self.targets),
             "ignore": list(self.ignore),
             "overrides": [o.to_dict() for o in self.overrides],
+            "kv_cache": self.kv_cache.to_dict() if self.kv_cache else None,
         }
 
     @classmethod
@@ -143,7 +145,17 @@ class Scheme:
             targets=tuple(data.get("targets", ("Linear",))),
             ignore=tuple(data.get("ignore", ("lm_head",))),
             overrides=tuple(Override(tuple(o["targets"]), QuantArgs(**o["weights"])) for o in data.get("overrides", ())),
+            kv_cache=QuantArgs(**data["kv_cache"]) if data.get("kv_cache") else None,
         )
+
+    def with_kv_cache(self, name: Optional[str]) -> "Scheme":
+        """The same scheme with the KV cache quantized by ``KV_CACHE_SCHEMES[name]`` (None: left as it is)."""
+        if name is None:
+            return self
+        if name not in KV_CACHE_SCHEMES:
+            raise SchemeError(f"--kv-cache {name!r} is not a KV-cache scheme vLLM serves; use one of: "
+                              f"{', '.join(KV_CACHE_SCHEMES)}")
+        return dataclasses.replace(self, kv_cache=KV_CACHE_SCHEMES[name])
 
     def with_scale_dtype(self, dtype: Optional[str]) -> "Scheme":
         """The same scheme with scales rounded to ``dtype`` (the checkpoint's) wherever they are computed."""
@@ -159,6 +171,8 @@ class Scheme:
 
 
 PRESETS: dict[str, Scheme] = {}
+# KV-cache schemes an engine serves: FP8 E4M3 with one static scale per tensor (vLLM's k_scale / v_scale)
+KV_CACHE_SCHEMES: dict[str, QuantArgs] = {"fp8": QuantArgs(num_bits=8, type="float", strategy="tensor")}
 
 
 def register_preset(scheme: Scheme) -> Scheme:

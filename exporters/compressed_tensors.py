@@ -103,7 +103,7 @@ def quantization_config(scheme: Scheme) -> dict[str, Any]:
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": list(scheme.ignore),
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": _args_config(scheme.kv_cache) if scheme.kv_cache else None,
         "global_compression_ratio": None,
         "sparsity_config": {},
     }
@@ -120,9 +120,11 @@ def scheme_from_config(quant_config: dict[str, Any], name: str = "checkpoint") -
     default = next((g for g in groups if "Linear" in g["targets"]), groups[0])
     acts = default.get("input_activations")
     overrides = tuple(Override(tuple(g["targets"]), _args_from_config(g["weights"])) for g in groups if g is not default)
+    kv = quant_config.get("kv_cache_scheme")
     return Scheme(name=name, weights=_args_from_config(default["weights"]),
                   input_activations=_args_from_config(acts) if acts else None,
-                  targets=tuple(default["targets"]), ignore=tuple(quant_config.get("ignore", ())), overrides=overrides)
+                  targets=tuple(default["targets"]), ignore=tuple(quant_config.get("ignore", ())), overrides=overrides,
+                  kv_cache=_args_from_config(kv) if kv else None)
 
 
 def read_quantized(raw: dict[str, torch.Tensor], prefix: str, args: QuantArgs) -> QuantizedWeight:

@@ -85,6 +85,8 @@ def quantize(ctx: typer.Context,
              rotate: Optional[str] = typer.Option(None, help="Fuse a rotation into the weights first (QuaRot-style): "
                                                              "hadamard, or orthogonal (random)."),
              rotate_seed: int = typer.Option(0, help="Seed of the rotation's random signs or matrix."),
+             kv_cache: Optional[str] = typer.Option(None, help="Also quantize the KV cache: fp8 (static per-tensor "
+                                                               "k/v scales, calibrated; served with vLLM's fp8 cache)."),
              force: bool = typer.Option(False, help="Overwrite an existing output directory.")) -> None:
     """Quantize a checkpoint and write it in the compressed-tensors layout vLLM loads."""
     from dataclasses import replace
@@ -105,7 +107,7 @@ def quantize(ctx: typer.Context,
     if weights.type == "int":
         weights = replace(weights, symmetric=not asymmetric)
     chosen = replace(chosen, weights=replace(weights, observer=observer),
-                     overrides=tuple(parse_override(o, symmetric=not asymmetric) for o in override))
+                     overrides=tuple(parse_override(o, symmetric=not asymmetric) for o in override)).with_kv_cache(kv_cache)
     recipe = parse_recipe(method)
     _refuse_inapplicable(ctx, recipe, chosen, rotate)
     if rotate is not None:
@@ -122,7 +124,7 @@ def quantize(ctx: typer.Context,
 
 def _refuse_inapplicable(ctx: typer.Context, recipe, scheme, rotate: Optional[str]) -> None:
     """Options of a method or a data path that this run does not take fail in one line, never silently."""
-    calibrated = recipe.needs_calibration or scheme.static_activations
+    calibrated = recipe.needs_calibration or scheme.static_activations or scheme.kv_cache is not None
     checks = [
         (recipe.quantizer != "gptq", ("actorder", "dampening"), "without GPTQ (e.g. --method gptq or awq+gptq)"),
         ("smoothquant" not in recipe.transforms, ("smoothquant_alpha", "smooth_linears"),

@@ -10,6 +10,7 @@ layers are calibrated group by group in one pass (``quantize.sequential``); othe
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import time
 from dataclasses import dataclass, replace
@@ -25,6 +26,7 @@ from quantize.capture import StopForward, stop_at
 from quantize.report import REPORT_TOKENS, LayerReport, kurtosis, report_linear
 from quantize.stats import Stats
 from quantize.folding import Family, Folded, apply_transforms, check_family_modules, family_of
+from quantize.kv_cache import observing, use_observing_attention
 
 BATCH = 4  # samples per forward: 8 gave the same speed with ~400 MiB more peak RSS (allocator high water)
 AWQ_SAMPLE_TOKENS = 4096
@@ -116,7 +118,8 @@ class _Layers:
 
 
 @torch.no_grad()
-def _catch_inputs(embed: torch.Tensor, config: Any, samples: torch.Tensor, device: torch.device) -> _Layers:
+def _catch_inputs(embed: torch.Tensor, config: Any, samples: torch.Tensor, device: torch.device,
+                  observe_kv: bool = False) -> _Layers:
     """Runs the embeddings over the samples; a catcher in place of layer 0 records what layer 0 receives."""
     from transformers import AutoModelForCausalLM
 
@@ -130,6 +133,8 @@ def _catch_inputs(embed: torch.Tensor, config: Any, samples: torch.Tensor, devic
     with torch.device(device):  # rotary tables are buffers built in __init__
         base.rotary_emb = type(base.rotary_emb)(config=config)
     shell = _Layers(base.layers, [], dtype, embed.dtype, device)
+    if observe_kv:
+        use_observing_attention(model)
 
     def record(args: tuple, kwargs: dict) -> None:  # what layer 0 receives; its (meta) weights never run
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -219,6 +224,7 @@ class _LayerJob:
         self.targets = {n: m for n, m in _linears(self.layer).items() if plan.is_target(self.prefix + n)}
         self.args = {n: plan.scheme.weights_for(self.prefix + n) for n in self.targets}
         self.folded, self.stats = Folded(), None
+        self.kv_scales: dict[str, torch.Tensor] = {}
 
     def transform(self) -> None:
         """SmoothQuant/AWQ, on statistics of the float layer's inputs (kurtosis before them in the report)."""
@@ -249,17 +255,23 @@ class _LayerJob:
             self.quantized[self.prefix + name] = qw.to_cpu(input_scale=scale)
 
     def quantize(self, propagate: bool) -> None:
-        """Llama-style layers stage by stage in one pass; others record everything, quantize, then run again."""
+        """Llama-style layers stage by stage in one pass; others record everything, quantize, then run again.
+        KV-cache scales are observed where the quantized q/k/v first run (so the last layer runs too)."""
         scheme, recipe = self.plan.scheme, self.plan.recipe
         self.stats = _stats(self.shell, hessian=recipe.quantizer == "gptq", absmax=scheme.static_activations)
+        observe, kv = observing(self.layer.self_attn) if scheme.kv_cache else contextlib.nullcontext(), None
         if staged(self.plan.config, self.layer):
             self.stats.share(GROUPS)
-            calibrate_staged(self.layer, self.shell, self.stats.record, self.quantize_group, propagate)
+            with observe as kv:
+                calibrate_staged(self.layer, self.shell, self.stats.record, self.quantize_group, propagate)
         else:
             _collect(self.layer, self.shell, self.stats)
             self.quantize_group(tuple(self.targets))
-            if propagate:
-                _propagate(self.layer, self.shell)
+            if propagate or scheme.kv_cache:
+                with observe as kv:
+                    _propagate(self.layer, self.shell)
+        if kv is not None:
+            self.kv_scales = {f"self_attn.{k}": v for k, v in kv.scales(scheme.kv_cache).items()}
         self.stats = None
 
     def release(self) -> dict[str, torch.Tensor]:
@@ -267,6 +279,7 @@ class _LayerJob:
         floats = {self.prefix + k: v.detach().to("cpu", self.dtypes[self.prefix + k])
                   for k, v in self.layer.state_dict().items()
                   if self.prefix + k in self.dtypes and k.removesuffix(".weight") not in self.targets}
+        floats.update({self.prefix + k: v for k, v in self.kv_scales.items()})
         self.layer.to("meta")
         release_freed_memory()
         return floats
@@ -282,7 +295,7 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
     # an architecture the transforms cannot fold into fails here, before any work
     plan = _Plan(config, scheme, recipe, is_target, alpha, gptq_config, smooth_linears, torch.device(device),
                  family_of(config, recipe))
-    shell = _catch_inputs(embed, config, samples, plan.device)
+    shell = _catch_inputs(embed, config, samples, plan.device, observe_kv=scheme.kv_cache is not None)
     del embed  # the caller may drop its reference too: nothing here needs the embedding again
     release_freed_memory()
     for index in range(len(shell.layers)):

@@ -228,7 +228,7 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
         from quantize.rotation import rotation_family
 
         rotation_family(model.config, options.rotate)
-    needs_calibration = recipe.needs_calibration or scheme.static_activations
+    needs_calibration = recipe.needs_calibration or scheme.static_activations or scheme.kv_cache is not None
     calibration_report = None
     if needs_calibration:
         from transformers import AutoTokenizer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -44,7 +45,20 @@ class EngineConfig:
         eager = _is_cpu_build() if self.enforce_eager is None else self.enforce_eager
         if eager:
             cmd.append("--enforce-eager")
+        kv_dtype = checkpoint_kv_cache_dtype(self.model_dir)
+        if kv_dtype and not any(a.split("=")[0] == "--kv-cache-dtype" for a in self.extra_args):
+            cmd += ["--kv-cache-dtype", kv_dtype]  # vLLM uses the calibrated k/v scales only with this set
         return cmd + list(self.extra_args)
+
+
+def checkpoint_kv_cache_dtype(model_dir: Path) -> Optional[str]:
+    """``fp8`` when the checkpoint's compressed-tensors config declares an FP8 KV cache (with its scales)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    kv = (config.get("quantization_config") or {}).get("kv_cache_scheme") or {}
+    return "fp8" if kv.get("type") == "float" and kv.get("num_bits") == 8 else None
 
 
 def _engine_env(overrides: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
