@@ -19,7 +19,7 @@ import torch
 
 from core.atomic import atomic_output_dir
 from exporters.dequantize import checkpoint_layout, is_layer_tensor, load_tensors, quantized_prefixes, tensor_locations
-from exporters.layouts import LAYOUTS, Layout
+from exporters.layouts import KV_SCALE_SUFFIXES, LAYOUTS, Layout
 from core.models import ModelError
 from core.shards import ShardWriter
 from core.checkpoint import AUX_FILES, qserve_version
@@ -64,8 +64,9 @@ def export_checkpoint(src: Path, layout: str, out_dir: Path, force: bool = False
             raw = load_tensors(where, [k for k in where if is_layer_tensor(k, {prefix}, source)])
             qw = source.read(raw, prefix, scheme.weights_for(prefix))
             writer.add(target.write(prefix, qw, scheme) if target else {f"{prefix}.weight": qw.dequantize().to(dtype)})
+        drop_kv = scheme is not None and scheme.kv_cache is not None and not (target and target.holds_kv_cache)
         for key in where:
-            if not is_layer_tensor(key, quantized, source):
+            if not is_layer_tensor(key, quantized, source) and not (drop_kv and key.endswith(KV_SCALE_SUFFIXES)):
                 writer.add(load_tensors(where, [key]))
         writer.close()
         for name in AUX_FILES:
@@ -81,5 +82,8 @@ def export_checkpoint(src: Path, layout: str, out_dir: Path, force: bool = False
         if (src / "qserve.json").exists():
             provenance["source_provenance"] = json.loads((src / "qserve.json").read_text())
         (tmp / "qserve.json").write_text(json.dumps(provenance, indent=2))
+    if drop_kv:
+        log(f"the KV-cache scales were left out: the {layout} layout cannot declare a quantized KV cache (the engine "
+            f"would run a bf16 cache); keep the compressed-tensors layout to serve the FP8 cache")
     log(f"wrote {out_dir}: {layout}, {writer.total_bytes / 2**20:.1f} MiB")
     return provenance

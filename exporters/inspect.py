@@ -42,6 +42,7 @@ class Inspection:
     total_bytes: int = 0
     bf16_bytes: int = 0  # the same parameters stored as bf16
     problems: list[str] = field(default_factory=list)
+    kv_cache: Optional[str] = None  # e.g. "fp8 tensor scales in 30 attention layers"
 
     def to_dict(self) -> dict:
         return {**{k: v for k, v in self.__dict__.items() if k != "groups"},
@@ -59,6 +60,7 @@ class Inspection:
                          f"{8 * q_bytes / q_weights:.3f} |")
         lines += ["", f"total {self.total_bytes / 2**20:.1f} MiB; as bf16 {self.bf16_bytes / 2**20:.1f} MiB "
                       f"({self.total_bytes / max(self.bf16_bytes, 1):.1%}); other tensors {self.other_bytes / 2**20:.1f} MiB",
+                  *([f"KV cache: {self.kv_cache}"] if self.kv_cache else []),
                   "decode check: " + ("every quantized layer decodes to finite weights of its shape"
                                       if not self.problems else "; ".join(self.problems))]
         return "\n".join(lines)
@@ -115,6 +117,11 @@ def inspect_checkpoint(ckpt_dir: Path) -> Inspection:
         raw = load_tensors(where, [k for k in where if k.rsplit(".", 1)[0] == prefix])
         _check_layer(report, groups, raw, prefix, owned[prefix], lambda r, p: layout.read(r, p, scheme.weights_for(p)))
     report.groups = sorted(groups.values(), key=lambda g: (g.module, g.scheme))
+    if scheme is not None and scheme.kv_cache is not None:
+        layers = sum(k.endswith(".k_scale") for k in where)
+        report.kv_cache = f"{_describe(scheme.kv_cache)} scales (k_scale, v_scale) in {layers} attention layers"
+        if not layers or layers != sum(k.endswith(".v_scale") for k in where):
+            report.problems.append("the config declares a quantized KV cache but k_scale/v_scale tensors are missing")
     return report
 
 

@@ -31,6 +31,7 @@ class Layout:
     read: Callable[[dict[str, torch.Tensor], str, QuantArgs], QuantizedWeight]
     config_for: Callable[[Scheme], dict[str, Any]]
     scheme_of: Callable[[dict[str, Any]], Scheme]
+    holds_kv_cache: bool = False  # whether its config can declare KV-cache scales (k_scale / v_scale)
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -38,7 +39,7 @@ LAYOUTS: dict[str, Layout] = {
         # conversions keep the scales' stored dtype (bf16 from qserve, fp16 from GPTQ/AWQ): nothing is rounded
         Layout("compressed-tensors", "compressed-tensors", ct.MARKER, ct.STORED_SUFFIXES, ct.check_fits,
                lambda p, qw, s: ct.layer_tensors(p, qw, s, qw.scale.dtype), ct.read_quantized,
-               ct.quantization_config, ct.scheme_from_config),
+               ct.quantization_config, ct.scheme_from_config, holds_kv_cache=True),
         Layout("gptq", "gptq", gptq.MARKER, gptq.STORED_SUFFIXES, gptq.check_fits,
                lambda p, qw, s: gptq.layer_tensors(p, qw), gptq.read_quantized,
                gptq.quantization_config, gptq.scheme_from_config),
@@ -60,3 +61,6 @@ def layout_of_config(config: dict[str, Any], where: str = "checkpoint") -> Optio
             return layout
     known = ", ".join(sorted(LAYOUTS))
     raise SchemeError(f"{where}: quant_method {method!r} is not a layout qserve reads ({known})")
+
+
+KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")

@@ -98,3 +98,23 @@ def test_the_engine_starts_with_an_fp8_cache_for_such_a_checkpoint_only(fp8_kv, 
 def test_an_unknown_kv_cache_scheme_is_refused_in_one_line():
     with pytest.raises(SchemeError, match="--kv-cache 'int4' is not a KV-cache scheme vLLM serves; use one of: fp8"):
         get_scheme("w8a8").with_kv_cache("int4")
+
+
+def test_inspect_reports_the_kv_cache(fp8_kv):
+    from exporters.inspect import inspect_checkpoint
+
+    report = inspect_checkpoint(fp8_kv[1])
+    assert report.kv_cache == "float8 tensor sym scales (k_scale, v_scale) in 2 attention layers" and not report.problems
+    assert "KV cache: float8 tensor sym" in report.markdown()
+
+
+@pytest.mark.parametrize("layout, kept", [("compressed-tensors", True), ("gptq", False), ("dequantized", False)])
+def test_export_keeps_the_kv_scales_only_where_the_layout_declares_them(fp8_kv, tmp_path, layout, kept):
+    from exporters.convert import export_checkpoint
+
+    said = []
+    export_checkpoint(fp8_kv[1], layout, tmp_path / "out", log=said.append)
+    names = set(_tensors(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text()).get("quantization_config") or {}
+    assert ("model.layers.0.self_attn.k_scale" in names) == kept == bool(config.get("kv_cache_scheme"))
+    assert any("KV-cache scales were left out" in line for line in said) != kept
