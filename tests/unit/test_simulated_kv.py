@@ -1,0 +1,58 @@
+"""Simulated KIVI cache: the group round trip equals hand-computed values, keys group along tokens and values
+along channels, and a query reads only positions older than the residual window quantized."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from accuracy import simulated_kv
+from accuracy.simulated_kv import KIVI, fake_quant_groups, kivi_cache, use_simulated_kv
+
+
+def test_group_round_trip_equals_a_hand_computed_case():
+    x = torch.tensor([[0.0, 0.4, 1.0, 3.0], [10.0, 10.0, 10.0, 16.0]])
+    # 2 bits, one group of 4: [0, 3] in steps of 1 -> 0, 0, 1, 3; [10, 16] in steps of 2 -> 10, 10, 10, 16
+    assert torch.equal(fake_quant_groups(x, 2, dim=1, group=4), torch.tensor([[0.0, 0.0, 1.0, 3.0],
+                                                                              [10.0, 10.0, 10.0, 16.0]]))
+    # 1 bit, groups of 2: each pair keeps its own min and max
+    assert torch.equal(fake_quant_groups(x, 1, dim=1, group=2), torch.tensor([[0.0, 0.4, 1.0, 3.0],
+                                                                              [10.0, 10.0, 10.0, 16.0]]))
+
+
+def test_keys_group_along_tokens_and_values_along_channels():
+    t = torch.zeros(1, 1, 6, 4)  # [batch, heads, tokens, channels]
+    t[0, 0, 1, 0], t[0, 0, 1, 2], t[0, 0, 2, 0] = 100.0, 10.0, 10.0
+    key, value = kivi_cache(t, t, KIVI("k", bits=2, group=3))
+    # keys: channel 0 over tokens 0-2 is [0, 100, 10], and 10 falls to 0 on its 2-bit grid; channel 2's
+    # [0, 10, 0] is exact. values: token 1 over channels 0-2 is [100, 0, 10], and 10 falls; token 2 is exact
+    assert (key != t).nonzero()[:, 2:].tolist() == [[2, 0]]
+    assert (value != t).nonzero()[:, 2:].tolist() == [[1, 2]]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_a_query_reads_full_precision_within_the_residual_window(tiny_model, monkeypatch):
+    ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(0))
+    tiny_model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        reference = tiny_model(ids).logits
+        monkeypatch.setitem(simulated_kv.SIMULATED_KV, "test2", KIVI("test2", bits=2, group=8, residual=16))
+        use_simulated_kv(tiny_model, "test2")
+        simulated = tiny_model(ids).logits
+    error = (simulated - reference).abs().amax(dim=-1)[0]
+    # positions 0..16 see only the window; later ones read 2-bit keys and values from the distant past
+    assert error[:17].max() < 1e-4 and error[17:].min() > 1e-3, error
+
+
+def test_an_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown simulated KV method 'kivi3'; use one of: kivi4, kivi2"):
+        use_simulated_kv(torch.nn.Module(), "kivi3")
