@@ -55,7 +55,8 @@ print(json.dumps({{"wall_s": time.perf_counter() - start, "peak_rss_mib": peak}}
 """
 
 
-def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool, dtype_name: str = "auto") -> float:
+def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool, dtype_name: str = "auto",
+               simulated_kv: str | None = None) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,6 +80,10 @@ def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool
         missing, _ = model.load_state_dict(state, strict=False)
         assert all("lm_head" in m for m in missing), missing
         model.tie_weights()
+    if simulated_kv:
+        from accuracy.simulated_kv import use_simulated_kv
+
+        use_simulated_kv(model, simulated_kv)
     if act_quant:
         per_token = QuantArgs(num_bits=8, strategy="channel")
         for name, module in model.named_modules():
