@@ -193,6 +193,9 @@ register_preset(Scheme(
 ))
 register_preset(Scheme(name="w8a16", weights=QuantArgs(num_bits=8, strategy="channel")))
 register_preset(Scheme(name="w4a16", weights=QuantArgs(num_bits=4, strategy="group", group_size=64)))
+# below 4 bits no engine kernel here takes the packed weights: serve them through `export --layout dequantized`
+register_preset(Scheme(name="w3a16", weights=QuantArgs(num_bits=3, strategy="group", group_size=64)))
+register_preset(Scheme(name="w2a16", weights=QuantArgs(num_bits=2, strategy="group", group_size=64)))
 # FP8 E4M3, named as llm-compressor names them: FP8_DYNAMIC (per-token activations) and FP8 (static).
 register_preset(Scheme(
     name="fp8-dynamic",

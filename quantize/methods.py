@@ -14,6 +14,7 @@ import torch
 
 from core import numerics
 from quantize.gptq import GPTQConfig, gptq_quantize
+from quantize.hqq import hqq_qparams
 from core.quantized import QuantizedWeight
 from core.schemes import QuantArgs
 
@@ -54,6 +55,15 @@ def gptq(weight: torch.Tensor, args: QuantArgs, calibration: Optional[dict] = No
         raise MethodError("gptq needs calibration inputs (the layer's Hessian); run it through quantize_checkpoint")
     q, scale, zero, damp = gptq_quantize(weight, calibration["hessian"], args, calibration.get("gptq", GPTQConfig()))
     return QuantizedWeight(q, scale, zero, args, damp)
+
+
+@register_quantizer("hqq")
+def hqq(weight: torch.Tensor, args: QuantArgs, calibration: Optional[dict] = None) -> QuantizedWeight:
+    """Half-quadratic quantization (``quantize.hqq``): no data, a robust fit of each group's scale."""
+    if args.type != "int":
+        raise MethodError("hqq fits integer grids; FP8 weights take rtn")
+    scale, zero = hqq_qparams(weight, args)
+    return QuantizedWeight(numerics.quantize(weight, scale, zero, args), scale, zero, args)
 
 
 @dataclass(frozen=True)
