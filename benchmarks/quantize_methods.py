@@ -27,7 +27,10 @@ RECIPES = [("w4a16", "rtn", {}), ("w4a16", "gptq", {}), ("w4a16", "awq", {}), ("
            ("w8a8", "rtn", {}), ("w8a8", "smoothquant", {}), ("w8a8", "gptq", {}), ("w8a8", "smoothquant+gptq", {}),
            ("w8a8", "smoothquant+gptq/aauto", {}), ("w8a8", "smoothquant+gptq/aauto/linears", {}),
            ("w4a16", "rtn/rot", {}), ("w4a16", "gptq/rot", {}), ("w4a16", "gptq/rot", {"symmetric": False}),
-           ("w8a8", "rtn/rot", {}), ("w8a8", "gptq/rot", {})]
+           ("w8a8", "rtn/rot", {}), ("w8a8", "gptq/rot", {}),
+           *[(scheme, method, {"symmetric": False}) for scheme in ("w3a16", "w2a16") for method in ("rtn", "hqq")],
+           *[(scheme, "awq", {"symmetric": sym}) for scheme in ("w3a16", "w2a16") for sym in (True, False)],
+           ("w3a16", "gptq", {"symmetric": False})]
 # label options after the method: "/actorder" GPTQ with activation ordering, "/aX" SmoothQuant alpha X (0.5
 # otherwise; "/aauto" searched per layer), "/linears" SmoothQuant also from up_proj into down_proj, "/rot"
 # the Hadamard rotation (--rotate hadamard) first
