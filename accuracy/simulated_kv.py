@@ -28,6 +28,11 @@ class KIVI:
     group: int = 32
     residual: int = 128
 
+    def __post_init__(self) -> None:
+        # a key group read quantized must lie wholly in the past of the query that reads it
+        if self.residual < self.group - 1:
+            raise ValueError(f"{self.name}: the residual window ({self.residual}) must cover a group ({self.group}) less one")
+
 
 SIMULATED_KV: dict[str, KIVI] = {m.name: m for m in (KIVI("kivi4", 4), KIVI("kivi2", 2))}
 
@@ -62,9 +67,13 @@ def simulated_attention(method: KIVI):
         q_len, k_len = query.shape[2], key.shape[2]
         pos_q = torch.arange(k_len - q_len, k_len, device=query.device)[:, None]
         pos_k = torch.arange(k_len, device=query.device)[None, :]
-        recent = pos_k >= pos_q - method.residual  # read in full precision
+        recent = pos_k > pos_q - method.residual  # the `residual` most recent positions, read in full precision
         scores = torch.where(recent, query @ key.transpose(-1, -2), query @ key_q.transpose(-1, -2)) * scaling
         scores = scores.float().masked_fill(pos_k > pos_q, float("-inf"))
+        if attention_mask is not None:  # the model's own mask as sdpa gets it (sliding windows, padding)
+            allowed = attention_mask[..., :k_len].bool() if attention_mask.dtype == torch.bool else None
+            scores = (scores.masked_fill(~allowed, float("-inf")) if allowed is not None
+                      else scores + attention_mask[..., :k_len].float())
         probs = torch.softmax(scores, dim=-1).to(query.dtype)
         out = (probs * recent) @ value + (probs * ~recent) @ value_q
         return out.transpose(1, 2).contiguous(), None
@@ -75,8 +84,11 @@ def simulated_attention(method: KIVI):
 def use_simulated_kv(model: torch.nn.Module, name: str) -> None:
     """Makes ``model`` attend through the simulated cache of ``SIMULATED_KV[name]``."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     if name not in SIMULATED_KV:
         raise ValueError(f"unknown simulated KV method {name!r}; use one of: {', '.join(SIMULATED_KV)}")
-    AttentionInterface.register(f"{SIMULATED_ATTENTION}_{name}", simulated_attention(SIMULATED_KV[name]))
-    model.set_attn_implementation(f"{SIMULATED_ATTENTION}_{name}")
+    attention = f"{SIMULATED_ATTENTION}_{name}"
+    AttentionInterface.register(attention, simulated_attention(SIMULATED_KV[name]))
+    AttentionMaskInterface.register(attention, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # the masks sdpa would get
+    model.set_attn_implementation(attention)

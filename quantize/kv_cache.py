@@ -60,8 +60,11 @@ def _observing_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
 def use_observing_attention(model: torch.nn.Module) -> None:
     """Makes ``model``'s attention layers call the observer (which records only when one is attached)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     AttentionInterface.register(OBSERVING_ATTENTION, _observing_attention)
+    # the masks sdpa gets (causal, sliding windows, padding); without this a new name gets none
+    AttentionMaskInterface.register(OBSERVING_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS[_DELEGATE])
     model.set_attn_implementation(OBSERVING_ATTENTION)
 
 

@@ -113,6 +113,9 @@ def rotate_layer(tensors: dict[str, torch.Tensor], family: Family, rotation: Rot
 def rotate_outside(tensors: dict[str, torch.Tensor], family: Family, rotation: Rotation,
                    tied: bool) -> dict[str, torch.Tensor]:
     """The embeddings, final norm and LM head, rotated; a tied head comes back as its own ``lm_head.weight``."""
+    if not tied and "lm_head.weight" not in tensors:
+        raise MethodError("the config says the LM head is not tied to the embeddings, but the checkpoint has no "
+                          "lm_head.weight; fix tie_word_embeddings in config.json")
     out = dict(tensors)
     embed = tensors["model.embed_tokens.weight"]
     head = embed if tied else tensors["lm_head.weight"]

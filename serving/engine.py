@@ -8,14 +8,18 @@ import importlib.util
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import httpx
+
+from serving.reaper import private_tmp_prefix
 
 
 class EngineStartError(RuntimeError):
@@ -166,6 +170,7 @@ class VLLMEngine:
             return
         if self.process.poll() is not None:  # the reaper is gone: what it may have left behind goes too
             self.kill_orphans()
+            self._remove_private_tmp()
             return
         self.process.terminate()
         try:
@@ -173,3 +178,10 @@ class VLLMEngine:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+            self.kill_orphans()
+            self._remove_private_tmp()
+
+    def _remove_private_tmp(self) -> None:
+        """The reaper's private temp dir, when the reaper was killed before it could remove it."""
+        for path in Path(tempfile.gettempdir()).glob(f"{private_tmp_prefix(self.process.pid)}*"):
+            shutil.rmtree(path, ignore_errors=True)

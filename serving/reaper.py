@@ -46,25 +46,26 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] != "--" or len(argv) < 2:
         print("usage: python -m serving.reaper -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
-    private_tmp = tempfile.mkdtemp(prefix="qserve-engine-")
+    stopping = []  # set by SIGTERM/SIGINT, installed before anything exists that a signal could orphan
+
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    private_tmp = tempfile.mkdtemp(prefix=private_tmp_prefix(os.getpid()))
     try:
-        return _supervise(argv[1:], {**os.environ, "TMPDIR": private_tmp})
+        return _supervise(argv[1:], {**os.environ, "TMPDIR": private_tmp}, stopping)
     finally:
         shutil.rmtree(private_tmp, ignore_errors=True)
 
 
-def _supervise(command: list[str], env: dict[str, str]) -> int:
+def private_tmp_prefix(reaper_pid: int) -> str:
+    """The name the reaper's private temp dir starts with: whoever killed the reaper outright can remove it."""
+    return f"qserve-engine-{reaper_pid}-"
+
+
+def _supervise(command: list[str], env: dict[str, str], stopping: list[bool]) -> int:
     """Runs ``command`` in a session of its own until it exits, the reaper is stopped or its parent dies."""
     parent = os.getppid()
     child = subprocess.Popen(command, start_new_session=True, env=env)
-    stopping = False
-
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     while True:
         code = child.poll()
         if code is not None:

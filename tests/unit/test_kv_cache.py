@@ -118,3 +118,24 @@ def test_export_keeps_the_kv_scales_only_where_the_layout_declares_them(fp8_kv, 
     config = json.loads((tmp_path / "out" / "config.json").read_text()).get("quantization_config") or {}
     assert ("model.layers.0.self_attn.k_scale" in names) == kept == bool(config.get("kv_cache_scheme"))
     assert any("KV-cache scales were left out" in line for line in said) != kept
+
+
+def test_the_observing_attention_keeps_the_models_mask():
+    """Gemma 3 attends within a sliding window on some layers: observing must not change what it computes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantize.kv_cache import observing, use_observing_attention
+
+    config = AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                                  sliding_window=4, query_pre_attn_scalar=16)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        reference = model(ids).logits
+        use_observing_attention(model)
+        with observing(model.model.layers[0].self_attn) as kv:
+            observed = model(ids).logits
+    assert kv.calls == 1 and (observed - reference).abs().max() < 1e-5

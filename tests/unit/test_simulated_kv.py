@@ -49,8 +49,28 @@ def test_a_query_reads_full_precision_within_the_residual_window(tiny_model, mon
         use_simulated_kv(tiny_model, "test2")
         simulated = tiny_model(ids).logits
     error = (simulated - reference).abs().amax(dim=-1)[0]
-    # positions 0..16 see only the window; later ones read 2-bit keys and values from the distant past
-    assert error[:17].max() < 1e-4 and error[17:].min() > 1e-3, error
+    # positions 0..15 see only the 16-token window; later ones read 2-bit keys and values from further back
+    assert error[:16].max() < 1e-4 and error[16:].min() > 1e-3, error
+
+
+def test_a_sliding_window_model_keeps_its_window(monkeypatch):
+    """Gemma 3 attends within a sliding window on some layers: with a window covering everything in full
+    precision, the simulated cache computes what sdpa does (the model's mask is kept)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                                  sliding_window=4, query_pre_attn_scalar=16)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        reference = model(ids).logits
+        monkeypatch.setitem(simulated_kv.SIMULATED_KV, "wide", KIVI("wide", bits=2, group=8, residual=64))
+        use_simulated_kv(model, "wide")
+        simulated = model(ids).logits
+    assert (simulated - reference).abs().max() < 1e-4
 
 
 def test_an_unknown_method_is_refused():

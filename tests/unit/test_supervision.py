@@ -1,6 +1,7 @@
 """The pool restarts an engine that died, with backoff, and answers 503 + Retry-After meanwhile."""
 
 import asyncio
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -117,3 +118,34 @@ def test_an_engine_writes_temp_files_in_its_own_folder_removed_at_stop(tmp_path,
     finally:
         engine.stop()
     assert not private.exists()
+
+
+def test_a_reaper_killed_outright_leaves_no_temp_dir_after_stop(tmp_path, monkeypatch):
+    """SIGKILL gives the reaper no chance to remove its private TMPDIR: the engine's stop removes it."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from serving.engine import EngineConfig, VLLMEngine
+
+    where = tmp_path / "tmpdir"
+    writer = ("import os, tempfile, time; "
+              f"open({str(where)!r}, 'w').write(tempfile.gettempdir() + ' ' + str(os.getpid())); time.sleep(60)")
+    monkeypatch.setattr(EngineConfig, "command", lambda self: [sys.executable, "-c", writer])
+    engine = VLLMEngine(EngineConfig(model_dir=tmp_path, served_name="m", port=18767, log_path=tmp_path / "log"))
+    engine.start()
+    for _ in range(100):
+        if where.exists() and where.read_text():
+            break
+        time.sleep(0.1)
+    private, pid = where.read_text().split()
+    try:
+        engine.process.kill()
+        engine.process.wait()
+        assert Path(private).exists()
+        engine.stop()
+        assert not Path(private).exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
