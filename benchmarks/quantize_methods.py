@@ -10,6 +10,7 @@ transformers on the decoded (fake-quant) weights, in float32 unless ``--eval-dty
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import subprocess
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--only", nargs="*", help="methods (gptq) or scheme/method labels (w4a16-asym/awq) to run")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--workdir", type=Path, help="keep the checkpoints here (default: a temporary folder)")
     parser.add_argument("--no-ppl", action="store_true", help="time and measure memory only")
     parser.add_argument("--eval-dtype", choices=["auto", "float32", "bfloat16"], default="float32",
                         help="perplexity computed in (auto: as the calibrated layers run here); float32, the exact "
@@ -124,7 +126,7 @@ def main() -> None:
 
     model = prepare_model("smollm2-135m")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with (contextlib.nullcontext(str(args.workdir)) if args.workdir else tempfile.TemporaryDirectory()) as tmp:
         # every quantization first, each in a fresh child, so that peak RSS is the quantizer's own
         for scheme, method, overrides in RECIPES:
             label = f"{scheme}{'-asym' if overrides.get('symmetric') is False else ''}"
