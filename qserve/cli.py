@@ -304,6 +304,22 @@ def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="
     run_demo(output, tuple(scheme), port=port, windows=windows, log=typer.echo)
 
 
+@app.command("simulate-kv")
+@user_errors
+def simulate_kv(checkpoint: Path = typer.Argument(..., help="A checkpoint directory (float or quantized)."),
+                method: List[str] = typer.Option(["kivi4", "kivi2"], help="Simulated KV-cache methods (repeatable): "
+                                                                          "kivi4, kivi2."),
+                seq_len: int = typer.Option(2048, help="Tokens per perplexity window."),
+                max_windows: int = typer.Option(20, help="Perplexity windows."),
+                json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the rows here.")) -> None:
+    """Perplexity with KV caches no engine serves (KIVI), in transformers; every row says "simulated, not served"."""
+    from workflows.kv_simulation import markdown, simulated_kv_perplexity
+
+    rows = simulated_kv_perplexity(checkpoint, list(method), seq_len=seq_len, max_windows=max_windows, log=typer.echo)
+    typer.echo(markdown(rows))
+    write_json(json_path, {"rows": rows})
+
+
 def main() -> None:
     app()
 

@@ -76,3 +76,42 @@ def test_a_sliding_window_model_keeps_its_window(monkeypatch):
 def test_an_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown simulated KV method 'kivi3'; use one of: kivi4, kivi2"):
         use_simulated_kv(torch.nn.Module(), "kivi3")
+
+
+def test_simulate_kv_command_labels_every_row(tmp_path):
+    """`qserve simulate-kv` on a quantized checkpoint: a bf16-cache row and one per method, each labelled
+    simulated; with a window covering every position in full precision the figure equals the bf16 cache's
+    (KIVI's 128-token window leaves 128 positions of each 256-token window reading the 2-bit cache)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from core.schemes import get_scheme
+    from qserve.cli import app
+    from quantize.pipeline import quantize_checkpoint
+    from tests.unit.tiny import make_tiny_llama_with_tokenizer
+
+    src = make_tiny_llama_with_tokenizer(tmp_path / "src")
+    quantize_checkpoint(src, get_scheme("w4a16"), "rtn", tmp_path / "q", progress=False, log=lambda m: None)
+    simulated_kv.SIMULATED_KV["wide"] = KIVI("wide", bits=2, group=8, residual=4096)
+    try:
+        result = CliRunner().invoke(app, ["simulate-kv", str(tmp_path / "q"), "--method", "kivi2", "--method", "wide",
+                                          "--seq-len", "256", "--max-windows", "2", "--json", str(tmp_path / "r.json")])
+    finally:
+        del simulated_kv.SIMULATED_KV["wide"]
+    assert result.exit_code == 0, result.output
+    rows = {r["kv_cache"]: r for r in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    assert list(rows) == ["bf16", "kivi2", "wide"] and all(r["how"].startswith("simulated, not served") for r in rows.values())
+    assert rows["wide"]["perplexity"] == pytest.approx(rows["bf16"]["perplexity"], rel=1e-4)
+    assert rows["kivi2"]["perplexity"] != pytest.approx(rows["bf16"]["perplexity"], rel=1e-4)
+    assert "| kivi2 |" in result.output and "simulated, not served" in result.output
+
+
+def test_simulate_kv_refuses_an_unknown_method_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from qserve.cli import app
+
+    result = CliRunner().invoke(app, ["simulate-kv", str(tmp_path), "--method", "kivi3"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: unknown simulated KV method 'kivi3'; use one of: kivi4, kivi2"
