@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -122,3 +122,18 @@ def disjoint_windows(ids: Sequence[int], seq_len: int, max_windows: Optional[int
         raise ValueError(f"seq_len must be at least 2, not {seq_len}")
     windows = [list(ids[i:i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len)]
     return windows[:max_windows] if max_windows else windows
+
+
+def windows_perplexity(model: Any, windows: list[list[int]]) -> tuple[float, int]:
+    """Perplexity of a transformers causal LM over ``disjoint_windows`` (the first token of each unscored),
+    and the number of tokens scored."""
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows:
+            x = torch.tensor([window])
+            logits = model(x).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
+            count += len(window) - 1
+    return math.exp(nll / count), count

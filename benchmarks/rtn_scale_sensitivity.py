@@ -11,7 +11,6 @@ Also the mean squared weight error of the first two. Perplexity in float32 over 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +29,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from accuracy.scoring import disjoint_windows
+    from accuracy.scoring import disjoint_windows, windows_perplexity
     from core.data import data_file
     from core.models import prepare_model
     from core.numerics import compute_qparams, dequantize, quantize
@@ -44,15 +43,6 @@ def main() -> None:
     ids = tokenizer(data_file("wikitext2-test.raw").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
     windows = list(disjoint_windows(ids, 2048, args.windows))
     weights = get_scheme("w4a16").weights
-
-    def perplexity() -> float:
-        nll, count = 0.0, 0
-        with torch.no_grad():
-            for window in windows:
-                x = torch.tensor([window])
-                nll += float(torch.nn.functional.cross_entropy(model(x).logits[0, :-1], x[0, 1:], reduction="sum"))
-                count += len(window) - 1
-        return math.exp(nll / count)
 
     def load(kind: str, seed: int = 0) -> float:
         generator, error = torch.Generator().manual_seed(seed), 0.0
@@ -71,7 +61,7 @@ def main() -> None:
     for kind, seed in [("unrounded", 0), ("rounded", 0), *[("jitter", s) for s in range(args.seeds)]]:
         error = load(kind, seed)
         label = f"{kind} (seed {seed})" if kind == "jitter" else kind
-        print(f"| {label} | {error:.1f} | {perplexity():.3f} |", flush=True)
+        print(f"| {label} | {error:.1f} | {windows_perplexity(model, windows)[0]:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

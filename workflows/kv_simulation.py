@@ -7,7 +7,6 @@ read beside served figures as if an engine had produced them.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -40,7 +39,7 @@ def simulated_kv_perplexity(checkpoint: Path, methods: list[str], seq_len: int =
     """WikiText-2 test perplexity (or ``text``'s) with the bf16 cache and with each simulated KV method."""
     from transformers import AutoTokenizer
 
-    from accuracy.scoring import disjoint_windows
+    from accuracy.scoring import disjoint_windows, windows_perplexity
     from accuracy.simulated_kv import SIMULATED_KV, use_simulated_kv
     from core.data import data_file
 
@@ -56,13 +55,8 @@ def simulated_kv_perplexity(checkpoint: Path, methods: list[str], seq_len: int =
     for method in ["bf16", *methods]:
         if method != "bf16":
             use_simulated_kv(model, method)
-        nll, count = 0.0, 0
-        with torch.no_grad():
-            for window in windows:
-                x = torch.tensor([window])
-                nll += float(torch.nn.functional.cross_entropy(model(x).logits[0, :-1], x[0, 1:], reduction="sum"))
-                count += len(window) - 1
-        rows.append({"kv_cache": method, "perplexity": math.exp(nll / count), "tokens": count, "how": SIMULATED})
+        perplexity, count = windows_perplexity(model, windows)
+        rows.append({"kv_cache": method, "perplexity": perplexity, "tokens": count, "how": SIMULATED})
         log(f"{method}: perplexity {rows[-1]['perplexity']:.3f} ({SIMULATED})")
     return rows
 

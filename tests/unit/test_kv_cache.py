@@ -122,17 +122,10 @@ def test_export_keeps_the_kv_scales_only_where_the_layout_declares_them(fp8_kv, 
 
 def test_the_observing_attention_keeps_the_models_mask():
     """Gemma 3 attends within a sliding window on some layers: observing must not change what it computes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from quantize.kv_cache import observing, use_observing_attention
+    from tests.unit.tiny import make_tiny_sliding_window_model
 
-    config = AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
-                                  sliding_window=4, query_pre_attn_scalar=16)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
-    model.set_attn_implementation("sdpa")
+    model, ids = make_tiny_sliding_window_model()
     with torch.no_grad():
         reference = model(ids).logits
         use_observing_attention(model)

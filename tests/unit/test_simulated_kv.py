@@ -40,14 +40,20 @@ def tiny_model():
     return LlamaForCausalLM(config).eval()
 
 
+def _reference_and_simulated(model, ids, method: KIVI, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits with sdpa, then through the simulated cache of ``method``."""
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        reference = model(ids).logits
+        monkeypatch.setitem(simulated_kv.SIMULATED_KV, method.name, method)
+        use_simulated_kv(model, method.name)
+        return reference, model(ids).logits
+
+
 def test_a_query_reads_full_precision_within_the_residual_window(tiny_model, monkeypatch):
     ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(0))
-    tiny_model.set_attn_implementation("sdpa")
-    with torch.no_grad():
-        reference = tiny_model(ids).logits
-        monkeypatch.setitem(simulated_kv.SIMULATED_KV, "test2", KIVI("test2", bits=2, group=8, residual=16))
-        use_simulated_kv(tiny_model, "test2")
-        simulated = tiny_model(ids).logits
+    reference, simulated = _reference_and_simulated(tiny_model, ids, KIVI("test2", bits=2, group=8, residual=16),
+                                                    monkeypatch)
     error = (simulated - reference).abs().amax(dim=-1)[0]
     # positions 0..15 see only the 16-token window; later ones read 2-bit keys and values from further back
     assert error[:16].max() < 1e-4 and error[16:].min() > 1e-3, error
@@ -56,26 +62,11 @@ def test_a_query_reads_full_precision_within_the_residual_window(tiny_model, mon
 def test_a_sliding_window_model_keeps_its_window(monkeypatch):
     """Gemma 3 attends within a sliding window on some layers: with a window covering everything in full
     precision, the simulated cache computes what sdpa does (the model's mask is kept)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from tests.unit.tiny import make_tiny_sliding_window_model
 
-    config = AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
-                                  sliding_window=4, query_pre_attn_scalar=16)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
-    model.set_attn_implementation("sdpa")
-    with torch.no_grad():
-        reference = model(ids).logits
-        monkeypatch.setitem(simulated_kv.SIMULATED_KV, "wide", KIVI("wide", bits=2, group=8, residual=64))
-        use_simulated_kv(model, "wide")
-        simulated = model(ids).logits
+    model, ids = make_tiny_sliding_window_model()
+    reference, simulated = _reference_and_simulated(model, ids, KIVI("wide", bits=2, group=8, residual=64), monkeypatch)
     assert (simulated - reference).abs().max() < 1e-4
-
-
-def test_an_unknown_method_is_refused():
-    with pytest.raises(ValueError, match="unknown simulated KV method 'kivi3'; use one of: kivi4, kivi2"):
-        use_simulated_kv(torch.nn.Module(), "kivi3")
 
 
 def test_simulate_kv_command_labels_every_row(tmp_path):

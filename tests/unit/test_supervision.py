@@ -94,26 +94,34 @@ def test_a_vllm_server_orphaned_by_a_killed_reaper_is_cleared_before_a_restart(t
             p.wait()
 
 
-def test_an_engine_writes_temp_files_in_its_own_folder_removed_at_stop(tmp_path, monkeypatch):
-    """vLLM leaves vllm_dist_* folders in TMPDIR; each engine gets a private TMPDIR that goes when it stops."""
+def _engine_running_a_writer(tmp_path, monkeypatch, port: int):
+    """A ``VLLMEngine`` whose command, instead of vLLM, touches ``vllm_dist_x`` in its temp dir and reports
+    that dir and its pid; returns the started engine, the temp dir and the pid."""
     import sys
-    import tempfile
     import time
 
     from serving.engine import EngineConfig, VLLMEngine
 
     where = tmp_path / "tmpdir"
     writer = ("import os, tempfile, time; open(os.path.join(tempfile.gettempdir(), 'vllm_dist_x'), 'w').close(); "
-              f"open({str(where)!r}, 'w').write(tempfile.gettempdir()); time.sleep(60)")
+              f"open({str(where)!r}, 'w').write(tempfile.gettempdir() + ' ' + str(os.getpid())); time.sleep(60)")
     monkeypatch.setattr(EngineConfig, "command", lambda self: [sys.executable, "-c", writer])
-    engine = VLLMEngine(EngineConfig(model_dir=tmp_path, served_name="m", port=18766, log_path=tmp_path / "log"))
+    engine = VLLMEngine(EngineConfig(model_dir=tmp_path, served_name="m", port=port, log_path=tmp_path / "log"))
     engine.start()
+    for _ in range(100):
+        if where.exists() and where.read_text():
+            break
+        time.sleep(0.1)
+    private, pid = where.read_text().split()
+    return engine, Path(private), int(pid)
+
+
+def test_an_engine_writes_temp_files_in_its_own_folder_removed_at_stop(tmp_path, monkeypatch):
+    """vLLM leaves vllm_dist_* folders in TMPDIR; each engine gets a private TMPDIR that goes when it stops."""
+    import tempfile
+
+    engine, private, _ = _engine_running_a_writer(tmp_path, monkeypatch, 18766)
     try:
-        for _ in range(100):
-            if where.exists() and where.read_text():
-                break
-            time.sleep(0.1)
-        private = Path(where.read_text())
         assert (private / "vllm_dist_x").exists() and private.parent == Path(tempfile.gettempdir())
     finally:
         engine.stop()
@@ -124,28 +132,14 @@ def test_a_reaper_killed_outright_leaves_no_temp_dir_after_stop(tmp_path, monkey
     """SIGKILL gives the reaper no chance to remove its private TMPDIR: the engine's stop removes it."""
     import os
     import signal
-    import sys
-    import time
 
-    from serving.engine import EngineConfig, VLLMEngine
-
-    where = tmp_path / "tmpdir"
-    writer = ("import os, tempfile, time; "
-              f"open({str(where)!r}, 'w').write(tempfile.gettempdir() + ' ' + str(os.getpid())); time.sleep(60)")
-    monkeypatch.setattr(EngineConfig, "command", lambda self: [sys.executable, "-c", writer])
-    engine = VLLMEngine(EngineConfig(model_dir=tmp_path, served_name="m", port=18767, log_path=tmp_path / "log"))
-    engine.start()
-    for _ in range(100):
-        if where.exists() and where.read_text():
-            break
-        time.sleep(0.1)
-    private, pid = where.read_text().split()
+    engine, private, pid = _engine_running_a_writer(tmp_path, monkeypatch, 18767)
     try:
         engine.process.kill()
         engine.process.wait()
-        assert Path(private).exists()
+        assert private.exists()
         engine.stop()
-        assert not Path(private).exists()
+        assert not private.exists()
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)

@@ -38,3 +38,17 @@ def make_tiny_llama_with_tokenizer(path, tie_word_embeddings: bool = False):
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     _add_tokenizer(path)
     return path
+
+
+def make_tiny_sliding_window_model():
+    """A random Gemma 3 text model (float32) whose layers attend within a 4-token sliding window, with 12
+    token ids to run it on: longer than the window, so a lost mask changes the logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                                  sliding_window=4, query_pre_attn_scalar=16)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.set_attn_implementation("sdpa")
+    return model, torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
