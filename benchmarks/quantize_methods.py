@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -66,7 +65,7 @@ def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool
 
     from exporters.dequantize import dequantized_state_dict
     from core.data import data_file
-    from accuracy.scoring import disjoint_windows as make_windows
+    from accuracy.scoring import disjoint_windows as make_windows, windows_perplexity
     from core import numerics
     from core.schemes import QuantArgs
 
@@ -97,14 +96,7 @@ def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool
                                      .reshape(inp[0].shape),))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer(data_file("wikitext2-test.raw").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for window in make_windows(ids, 2048, windows):
-            x = torch.tensor([window])
-            logits = model(x).logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
-            count += len(window) - 1
-    return math.exp(nll / count)
+    return windows_perplexity(model, make_windows(ids, 2048, windows))[0]
 
 
 def main() -> None:
