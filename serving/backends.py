@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import aiohttp
 
 from serving.admission import Admission, AdmissionLimits
+from serving.caveats import engine_caveats
 from serving.engine import EngineConfig, EngineStartError, VLLMEngine
 from serving.errors import APIError
 
@@ -154,6 +155,8 @@ class BackendPool:
             else:
                 b.state = "ready"
                 log(f"vLLM for {b.name!r} ready after {result:.0f} s")
+                for caveat in engine_caveats(b.engine.config.model_dir, b.engine.config.log_path):
+                    log(f"note for {b.name!r}: {caveat.message}")
         if all(b.state == "ready" for b in launched):  # the watchers below restart; they never call this
             on_ready()
         await asyncio.gather(*(self._watch(b, log, on_restart) for b in launched if b.state == "ready"))
