@@ -109,6 +109,11 @@ class Scheme:
                                   f"scheme; one checkpoint holds one number type")
 
     @property
+    def quantizes_weights(self) -> bool:
+        """False for a scheme that only quantizes the KV cache (``none``): every linear stays as it is."""
+        return bool(self.targets)
+
+    @property
     def weight_only(self) -> bool:
         return self.input_activations is None
 
@@ -196,6 +201,8 @@ register_preset(Scheme(name="w4a16", weights=QuantArgs(num_bits=4, strategy="gro
 # below 4 bits no engine kernel here takes the packed weights: serve them through `export --layout dequantized`
 register_preset(Scheme(name="w3a16", weights=QuantArgs(num_bits=3, strategy="group", group_size=64)))
 register_preset(Scheme(name="w2a16", weights=QuantArgs(num_bits=2, strategy="group", group_size=64)))
+# no linear is a target: weights and activations stay in the checkpoint's dtype, for `--kv-cache` on its own
+register_preset(Scheme(name="none", weights=QuantArgs(), targets=()))
 # FP8 E4M3, named as llm-compressor names them: FP8_DYNAMIC (per-token activations) and FP8 (static).
 register_preset(Scheme(
     name="fp8-dynamic",

@@ -94,12 +94,13 @@ def _group(targets: tuple[str, ...], weights: QuantArgs, scheme: Scheme) -> dict
 
 def quantization_config(scheme: Scheme) -> dict[str, Any]:
     """The ``quantization_config`` entry of ``config.json``: one config group, plus one per override."""
-    groups = {"group_0": _group(scheme.targets, scheme.weights, scheme)}
+    groups = {"group_0": _group(scheme.targets, scheme.weights, scheme)} if scheme.quantizes_weights else {}
     for i, override in enumerate(scheme.overrides, start=1):
         groups[f"group_{i}"] = _group(override.targets, override.weights, scheme)
     return {
         "quant_method": "compressed-tensors",
-        "format": format_for(scheme),
+        # a KV-cache-only checkpoint keeps its linears dense, as llm-compressor writes one
+        "format": format_for(scheme) if groups else "dense",
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": list(scheme.ignore),
@@ -117,10 +118,13 @@ def scheme_from_config(quant_config: dict[str, Any], name: str = "checkpoint") -
     """The scheme a ``quantization_config`` describes: the ``Linear`` group as the default, other groups
     (name patterns) as overrides."""
     groups = list(quant_config["config_groups"].values())
+    kv = quant_config.get("kv_cache_scheme")
+    if not groups:  # only the KV cache is quantized
+        return Scheme(name=name, weights=QuantArgs(), targets=(), ignore=tuple(quant_config.get("ignore", ())),
+                      kv_cache=_args_from_config(kv) if kv else None)
     default = next((g for g in groups if "Linear" in g["targets"]), groups[0])
     acts = default.get("input_activations")
     overrides = tuple(Override(tuple(g["targets"]), _args_from_config(g["weights"])) for g in groups if g is not default)
-    kv = quant_config.get("kv_cache_scheme")
     return Scheme(name=name, weights=_args_from_config(default["weights"]),
                   input_activations=_args_from_config(acts) if acts else None,
                   targets=tuple(default["targets"]), ignore=tuple(quant_config.get("ignore", ())), overrides=overrides,

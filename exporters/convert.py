@@ -38,6 +38,9 @@ def _target(layout: str, source: Optional[Layout], scheme: Optional[Scheme], src
         raise ModelError(f"{src} has no quantization_config: export converts quantized checkpoints "
                          f"(compressed-tensors, gptq or awq); quantize it first with qserve quantize")
     target = LAYOUTS.get(layout)
+    if target is not None and not scheme.quantizes_weights and not target.holds_kv_cache:
+        raise SchemeError(f"{src} quantizes only the KV cache, and the {layout} layout holds quantized weights "
+                          f"alone; serve it as it is, or export --layout {DEQUANTIZED} for plain weights")
     if target is not None:
         target.check_fits(scheme)
     return target

@@ -57,7 +57,7 @@ def models_prepare(name: str = typer.Argument("smollm2-135m", help="Demo model n
 def quantize(ctx: typer.Context,
              model: str = typer.Argument(..., help="Checkpoint directory, hub id, or demo model name."),
              scheme: str = typer.Option("w8a8", help="Scheme preset: w8a8, w8a8-static, w8a16, w4a16, w3a16, "
-                                                     "w2a16, fp8, fp8-dynamic."),
+                                                     "w2a16, fp8, fp8-dynamic; none (with --kv-cache)."),
              method: str = typer.Option("rtn", help="rtn, hqq, gptq, awq, smoothquant, or joined with '+' "
                                                     "(smoothquant+gptq, awq+gptq)."),
              output: Path = typer.Option(..., "--output", "-o", help="Output checkpoint directory."),

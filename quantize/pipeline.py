@@ -26,7 +26,7 @@ from core.models import ModelError
 from core.shards import ShardWriter
 from quantize.calibration import CalibrationSpec, load_calibration
 from quantize.gptq import GPTQConfig
-from quantize.methods import Recipe, parse_recipe, quantize_weight
+from quantize.methods import MethodError, Recipe, parse_recipe, quantize_weight
 from quantize.report import write_layer_report
 from quantize.grouping import auto_group_sizes, check_fused_consistent, check_group_fit
 from core.schemes import Scheme, matches
@@ -214,7 +214,10 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
     shapes = _tensor_shapes(files)
     model = meta_model(model_dir)
     linear = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
-    targets = [n for n in linear if not matches(n, scheme.ignore) and f"{n}.weight" in shapes]
+    if not scheme.quantizes_weights and scheme.kv_cache is None:
+        raise MethodError(f"--scheme {scheme.name} quantizes nothing on its own; add --kv-cache fp8, or choose a "
+                          f"weight scheme")
+    targets = [n for n in linear if scheme.quantizes_weights and not matches(n, scheme.ignore) and f"{n}.weight" in shapes]
     skipped = [n for n in linear if n not in targets]
     if options.auto_group_size:
         scheme, chosen = auto_group_sizes(scheme, targets, shapes)

