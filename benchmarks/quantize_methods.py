@@ -28,12 +28,15 @@ RECIPES = [("w4a16", "rtn", {}), ("w4a16", "gptq", {}), ("w4a16", "awq", {}), ("
            ("w8a8", "smoothquant+gptq/aauto", {}), ("w8a8", "smoothquant+gptq/aauto/linears", {}),
            ("w4a16", "rtn/rot", {}), ("w4a16", "gptq/rot", {}), ("w4a16", "gptq/rot", {"symmetric": False}),
            ("w8a8", "rtn/rot", {}), ("w8a8", "gptq/rot", {}),
+           ("w4a16", "awq+gptq/actorder/rot", {"symmetric": False}), ("w4a16", "rtn/spin", {}),
+           ("w4a16", "gptq/spin", {"symmetric": False}), ("w8a8", "rtn/spin", {}), ("w8a8", "gptq/spin", {}),
            *[(scheme, method, {"symmetric": False}) for scheme in ("w3a16", "w2a16") for method in ("rtn", "hqq")],
            *[(scheme, "awq", {"symmetric": sym}) for scheme in ("w3a16", "w2a16") for sym in (True, False)],
            ("w3a16", "gptq", {"symmetric": False})]
 # label options after the method: "/actorder" GPTQ with activation ordering, "/aX" SmoothQuant alpha X (0.5
 # otherwise; "/aauto" searched per layer), "/linears" SmoothQuant also from up_proj into down_proj, "/rot"
-# the Hadamard rotation (--rotate hadamard) first
+# the Hadamard rotation (--rotate hadamard) first, "/spin" the learned one (--rotate learned, 40 steps)
+ROTATE_LABELS = {"rot": "hadamard", "spin": "learned"}
 
 CHILD = """
 import json, sys, time
@@ -127,7 +130,7 @@ def main() -> None:
             out = Path(tmp) / f"{label}-{method.replace('/', '-')}"
             options = method.split("/")[1:]
             alpha = next((parse_alpha(o[1:]) for o in options if o.startswith("a") and o != "actorder"), 0.5)
-            rotate = "hadamard" if "rot" in options else None
+            rotate = next((ROTATE_LABELS[o] for o in options if o in ROTATE_LABELS), None)
             code = CHILD.format(root=str(ROOT), scheme=scheme, weight_overrides=overrides, samples=args.samples,
                                 actorder="actorder" in options, smooth_linears="linears" in options, alpha=alpha, rotate=rotate,
                                 seq_len=args.seq_len, model=str(model), method=method, out=str(out))

@@ -169,18 +169,25 @@ def _check_device(device: str) -> None:
 
 
 @contextlib.contextmanager
-def _weights_source(model_dir: Path, options: "QuantizeOptions", out_tmp: Path,
-                    log: Callable[[str], None]) -> Iterator[tuple[Path, Optional[dict]]]:
+def _weights_source(model_dir: Path, options: "QuantizeOptions", out_tmp: Path, log: Callable[[str], None],
+                    scheme: Scheme, samples: Optional[torch.Tensor]) -> Iterator[tuple[Path, Optional[dict]]]:
     """The checkpoint the quantizer reads: ``model_dir``, or a rotated copy of it (beside the output, removed
-    afterwards) when ``options.rotate`` asks for one."""
+    afterwards) when ``options.rotate`` asks for one; a learned rotation is optimised on ``samples`` for
+    ``scheme`` first."""
     if not options.rotate:
         yield model_dir, None
         return
-    from quantize.rotation import rotate_checkpoint
+    from quantize.rotation import ROTATIONS, rotate_checkpoint
 
+    refine = None
+    if ROTATIONS[options.rotate].learned:
+        from quantize.spinquant import LearnConfig, learn_rotation
+
+        learn = LearnConfig(steps=options.rotate_steps)
+        refine = lambda start: learn_rotation(model_dir, start, scheme, samples, learn, log)  # noqa: E731
     rotated = Path(tempfile.mkdtemp(prefix=".rotated-", dir=out_tmp.parent))
     try:
-        report = rotate_checkpoint(model_dir, rotated, options.rotate, options.rotate_seed)
+        report = rotate_checkpoint(model_dir, rotated, options.rotate, options.rotate_seed, refine)
         untied = (f"; the LM head was tied to the embeddings and is now stored on its own "
                   f"(+{report['lm_head_bytes_added'] / 2**20:.1f} MiB)" if report["untied_lm_head"] else "")
         log(f"rotated the residual stream and attention heads ({options.rotate}, seed {options.rotate_seed}){untied}")
@@ -202,6 +209,7 @@ class QuantizeOptions:
     report_png: bool = False  # also draw the per-layer report (quantization_report.png; needs matplotlib)
     rotate: Optional[str] = None  # a rotation of quantize.rotation.ROTATIONS fused into the weights first
     rotate_seed: int = 0
+    rotate_steps: int = 40  # optimiser steps of a learned rotation (one calibration sample each)
 
 
 def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: Path, force: bool = False,
@@ -227,12 +235,17 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
     check_group_fit(scheme, targets, shapes)
     check_fused_consistent(scheme, targets)
     _check_device(options.device)
+    learned_rotation = False
     if options.rotate:
-        from quantize.rotation import rotation_family
+        from quantize.rotation import ROTATIONS, rotation_family
 
         rotation_family(model.config, options.rotate)
-    needs_calibration = recipe.needs_calibration or scheme.static_activations or scheme.kv_cache is not None
-    calibration_report = None
+        learned_rotation = ROTATIONS[options.rotate].learned
+        if learned_rotation and options.rotate_steps < 1:
+            raise MethodError(f"--rotate-steps {options.rotate_steps}: a learned rotation needs at least 1 step")
+    needs_calibration = (recipe.needs_calibration or scheme.static_activations or scheme.kv_cache is not None
+                         or learned_rotation)
+    calibration_report, samples = None, None
     if needs_calibration:
         from transformers import AutoTokenizer
 
@@ -245,7 +258,7 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
     del model
     target_weights = {f"{n}.weight": n for n in targets}
 
-    with atomic_output_dir(out_dir, force=force) as tmp, _weights_source(model_dir, options, tmp, log) as (source, rotation):
+    with atomic_output_dir(out_dir, force=force) as tmp, _weights_source(model_dir, options, tmp, log, scheme, samples) as (source, rotation):
         writer = ShardWriter(tmp)
         if needs_calibration:
             layer_reports = _write_calibrated(source, weight_files(source), target_weights, scheme, recipe, writer,

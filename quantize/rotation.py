@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -26,10 +26,19 @@ from quantize.folding import FAMILIES, Family
 from quantize.hadamard import random_hadamard, random_orthogonal
 from quantize.methods import MethodError
 
-# name -> builder of an n x n orthogonal matrix (float64) from a seeded generator
-ROTATIONS: dict[str, Callable[[int, torch.Generator], torch.Tensor]] = {
-    "hadamard": random_hadamard,
-    "orthogonal": random_orthogonal,
+@dataclass(frozen=True)
+class RotationKind:
+    """How a ``--rotate`` choice gets its matrices: ``start`` builds an n x n orthogonal matrix (float64) from a
+    seeded generator; a ``learned`` kind then optimises it on the calibration data (``quantize.spinquant``)."""
+
+    start: Callable[[int, torch.Generator], torch.Tensor]
+    learned: bool = False
+
+
+ROTATIONS: dict[str, RotationKind] = {
+    "hadamard": RotationKind(random_hadamard),  # QuaRot
+    "orthogonal": RotationKind(random_orthogonal),
+    "learned": RotationKind(random_hadamard, learned=True),  # SpinQuant: Cayley SGD from a random Hadamard
 }
 # families whose norms all sit in front of the linears that read them; Gemma 2/3 also normalise each
 # sublayer's output before the residual add, and no rotation of the residual stream passes such a norm
@@ -72,7 +81,7 @@ def head_dim(config: Any) -> int:
 def make_rotation(config: Any, kind: str, seed: int = 0) -> Rotation:
     """R1 of the hidden size and R2 of the head size, drawn from one seeded generator."""
     generator = torch.Generator().manual_seed(seed)
-    build = ROTATIONS[kind]
+    build = ROTATIONS[kind].start
     r1 = build(config.hidden_size, generator).float()
     r2 = build(head_dim(config), generator).float()
     return Rotation(kind, seed, r1, r2)
@@ -127,14 +136,18 @@ def rotate_outside(tensors: dict[str, torch.Tensor], family: Family, rotation: R
     return out
 
 
-def rotate_checkpoint(model_dir: Path, out_dir: Path, kind: str, seed: int = 0) -> dict:
+def rotate_checkpoint(model_dir: Path, out_dir: Path, kind: str, seed: int = 0,
+                      refine: Optional[Callable[[Rotation], tuple[Rotation, dict]]] = None) -> dict:
     """Writes ``model_dir`` rotated into ``out_dir`` (weights and config; one layer in memory at a time) and
-    returns what was done, for the quantization report."""
+    returns what was done, for the quantization report. ``refine`` (a learned kind's optimiser) turns the
+    starting matrices into the ones written, and returns what it measured."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
     family = rotation_family(config, kind)
-    rotation = make_rotation(config, kind, seed)
+    rotation, learned = make_rotation(config, kind, seed), None
+    if refine is not None:
+        rotation, learned = refine(rotation)
     files = weight_files(model_dir)
     load = layer_loader(files)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -152,4 +165,5 @@ def rotate_checkpoint(model_dir: Path, out_dir: Path, kind: str, seed: int = 0) 
     if tied:
         raw["tie_word_embeddings"] = False
     (out_dir / "config.json").write_text(json.dumps(raw, indent=2))
-    return {"kind": kind, "seed": seed, "untied_lm_head": tied, "lm_head_bytes_added": untied_bytes}
+    return {"kind": kind, "seed": seed, "untied_lm_head": tied, "lm_head_bytes_added": untied_bytes,
+            **({"learned": learned} if learned else {})}

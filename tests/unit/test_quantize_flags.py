@@ -22,7 +22,8 @@ MISSING = "/nonexistent/model"  # refusals come before the model is resolved
     (["--method", "rtn", "--report-png"], "--report-png does not apply to rtn"),
     (["--method", "rtn", "--device", "cuda"], "--device does not apply to rtn"),
     (["--rotate-seed", "3"], "--rotate-seed does not apply without a rotation (e.g. --rotate hadamard)"),
-    (["--rotate", "spin"], "unknown rotation 'spin'; use one of: hadamard, orthogonal"),
+    (["--rotate", "spin"], "unknown rotation 'spin'; use one of: hadamard, orthogonal, learned"),
+    (["--rotate", "hadamard", "--rotate-steps", "5"], "--rotate-steps does not apply without a learned rotation"),
     (["--kv-cache", "int4"], "--kv-cache 'int4' is not a KV-cache scheme vLLM serves; use one of: fp8"),
 ])
 def test_inapplicable_options_fail_in_one_line(args, message, tmp_path):
@@ -39,6 +40,7 @@ def test_inapplicable_options_fail_in_one_line(args, message, tmp_path):
     ["--method", "rtn", "--scheme", "w8a8-static", "--num-samples", "8"],  # static scales need calibration
     ["--method", "rtn", "--scheme", "w4a16", "--asym"],
     ["--rotate", "hadamard", "--rotate-seed", "3"],
+    ["--method", "rtn", "--rotate", "learned", "--rotate-steps", "5", "--num-samples", "8"],  # learned on samples
     ["--method", "rtn", "--kv-cache", "fp8", "--num-samples", "8"],  # KV scales need calibration
 ])
 def test_applicable_options_pass_the_check(args, tmp_path):
