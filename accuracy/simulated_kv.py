@@ -6,12 +6,18 @@ full precision. Here, for a query at position t, keys and values at positions be
 read quantized and the rest in full precision: the cache a decoder holds after streaming t tokens, computed
 for every position of a prefill window at once. The attention is registered with transformers' attention
 interface, so any model that uses it runs unchanged.
+
+KVQuant (Hooper et al., 2024) found that keys quantize better per channel *before* RoPE, which mixes channel
+pairs by position. ``pre_rope`` methods do that: the post-RoPE keys the attention receives are rotated back
+by their positions' angles (captured from the model's rotary embedding), quantized, and rotated again, which
+equals quantizing the pre-RoPE key and applying RoPE. (KVQuant's non-uniform levels and sparse outliers are
+not simulated.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -27,6 +33,7 @@ class KIVI:
     bits: int
     group: int = 32
     residual: int = 128
+    pre_rope: bool = False  # keys quantized before RoPE (KVQuant), through the inverse rotation
 
     def __post_init__(self) -> None:
         # a key group read quantized must lie wholly in the past of the query that reads it
@@ -34,7 +41,9 @@ class KIVI:
             raise ValueError(f"{self.name}: the residual window ({self.residual}) must cover a group ({self.group}) less one")
 
 
-SIMULATED_KV: dict[str, KIVI] = {m.name: m for m in (KIVI("kivi4", 4), KIVI("kivi2", 2))}
+SIMULATED_KV: dict[str, KIVI] = {m.name: m for m in (KIVI("kivi4", 4), KIVI("kivi2", 2),
+                                                       KIVI("prerope4", 4, pre_rope=True),
+                                                       KIVI("prerope2", 2, pre_rope=True))}
 
 
 def fake_quant_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> torch.Tensor:
@@ -51,19 +60,32 @@ def fake_quant_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> torch
     return out.movedim(-1, dim).to(x.dtype)
 
 
-def kivi_cache(key: torch.Tensor, value: torch.Tensor, method: KIVI) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys quantized per channel over token groups, values per token over channel groups; ``[b, h, seq, d]``."""
-    return (fake_quant_groups(key, method.bits, dim=2, group=method.group),
-            fake_quant_groups(value, method.bits, dim=3, group=method.group))
+def kivi_cache(key: torch.Tensor, value: torch.Tensor, method: KIVI,
+               rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys quantized per channel over token groups, values per token over channel groups; ``[b, h, seq, d]``.
+    With ``rope`` (cos, sin of the keys' positions, ``[b, seq, d]``) keys are quantized before RoPE."""
+    if rope is None:
+        return (fake_quant_groups(key, method.bits, dim=2, group=method.group),
+                fake_quant_groups(value, method.bits, dim=3, group=method.group))
+    cos, sin = (t[:, None, : key.shape[2]].to(key.dtype) for t in rope)
+    pre = key * cos - _rotate_half(key) * sin  # RoPE undone: the rotation by minus each position's angle
+    pre_q = fake_quant_groups(pre, method.bits, dim=2, group=method.group)
+    return pre_q * cos + _rotate_half(pre_q) * sin, fake_quant_groups(value, method.bits, dim=3, group=method.group)
 
 
-def simulated_attention(method: KIVI):
-    """An attention function (transformers' interface) that reads old positions from the quantized cache."""
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def simulated_attention(method: KIVI, rope: Optional[dict] = None):
+    """An attention function (transformers' interface) that reads old positions from the quantized cache;
+    ``rope`` holds the (cos, sin) the model's rotary embedding last returned, for ``pre_rope`` methods."""
     def attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: Any, scaling: float, dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-        key_q, value_q = kivi_cache(key, value, method)
+        key_q, value_q = kivi_cache(key, value, method, rope["cos_sin"] if method.pre_rope else None)
         q_len, k_len = query.shape[2], key.shape[2]
         pos_q = torch.arange(k_len - q_len, k_len, device=query.device)[:, None]
         pos_k = torch.arange(k_len, device=query.device)[None, :]
@@ -88,7 +110,14 @@ def use_simulated_kv(model: torch.nn.Module, name: str) -> None:
 
     if name not in SIMULATED_KV:
         raise ValueError(f"unknown simulated KV method {name!r}; use one of: {', '.join(SIMULATED_KV)}")
+    method, rope = SIMULATED_KV[name], {}
+    if method.pre_rope:
+        rotaries = [m for n, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding")]
+        if len(rotaries) != 1:
+            raise ValueError(f"{name} quantizes keys before RoPE, which needs the model's one rotary embedding; "
+                             f"this model has {len(rotaries)} (use kivi4 or kivi2)")
+        rotaries[0].register_forward_hook(lambda _m, _args, out: rope.__setitem__("cos_sin", out))
     attention = f"{SIMULATED_ATTENTION}_{name}"
-    AttentionInterface.register(attention, simulated_attention(SIMULATED_KV[name]))
+    AttentionInterface.register(attention, simulated_attention(method, rope))
     AttentionMaskInterface.register(attention, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # the masks sdpa would get
     model.set_attn_implementation(attention)

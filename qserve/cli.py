@@ -315,7 +315,8 @@ def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="
 @user_errors
 def simulate_kv(checkpoint: Path = typer.Argument(..., help="A checkpoint directory (float or quantized)."),
                 method: List[str] = typer.Option(["kivi4", "kivi2"], help="Simulated KV-cache methods (repeatable): "
-                                                                          "kivi4, kivi2."),
+                                                                          "kivi4, kivi2; prerope4, prerope2 (keys "
+                                                                          "quantized before RoPE, as KVQuant does)."),
                 seq_len: int = typer.Option(2048, help="Tokens per perplexity window."),
                 max_windows: int = typer.Option(20, help="Perplexity windows."),
                 json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the rows here.")) -> None:

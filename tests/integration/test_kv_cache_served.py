@@ -36,6 +36,15 @@ def _perplexity(gateway, tokenizer: Path) -> float:
                                max_windows=WINDOWS, progress=False)["token_perplexity"]
 
 
+def _serve_and_score(ckpt: Path, name: str, tmp_path_factory, tokenizer: Path) -> tuple[str, float]:
+    """Starts a gateway for ``ckpt``, scores it, stops it: (the engine's log, perplexity)."""
+    gateway = start_gateway(ckpt, name, tmp_path_factory)
+    try:
+        return _engine_log(gateway), _perplexity(gateway, tokenizer)
+    finally:
+        assert gateway.stop() in (0, -signal.SIGTERM)
+
+
 @pytest.fixture(scope="module")
 def fp8_kv_model(demo_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("kv") / "smollm2-w8a8-kv"
@@ -48,12 +57,7 @@ def fp8_kv_model(demo_model, tmp_path_factory) -> Path:
 def test_fp8_kv_cache_is_served_with_its_scales(fp8_kv_model, w8a8_gateway, tmp_path_factory):
     baseline_log = _engine_log(w8a8_gateway)
     baseline = _perplexity(w8a8_gateway, fp8_kv_model)
-    gateway = start_gateway(fp8_kv_model, "w8a8-kv", tmp_path_factory)
-    try:
-        log = _engine_log(gateway)
-        served = _perplexity(gateway, fp8_kv_model)
-    finally:
-        assert gateway.stop() in (0, -signal.SIGTERM)
+    log, served = _serve_and_score(fp8_kv_model, "w8a8-kv", tmp_path_factory, fp8_kv_model)
     # scales that clip nearly every key and value: if the engine used scale 1.0 instead of the checkpoint's,
     # this would score as well as the calibrated one
     broken = fp8_kv_model.parent / "broken-scales"
@@ -61,11 +65,7 @@ def test_fp8_kv_cache_is_served_with_its_scales(fp8_kv_model, w8a8_gateway, tmp_
     tensors = load_file(broken / "model.safetensors")
     save_file({k: v / 100 if k.endswith(("k_scale", "v_scale")) else v for k, v in tensors.items()},
               broken / "model.safetensors", metadata={"format": "pt"})
-    gateway = start_gateway(broken, "w8a8-kv-broken", tmp_path_factory)
-    try:
-        clipped = _perplexity(gateway, fp8_kv_model)
-    finally:
-        assert gateway.stop() in (0, -signal.SIGTERM)
+    _, clipped = _serve_and_score(broken, "w8a8-kv-broken", tmp_path_factory, fp8_kv_model)
     print(f"\nfp8 KV {served:.3f} vs bf16 KV {baseline:.3f} ({served / baseline - 1:+.2%}); scales / 100: {clipped:.3f}; "
           f"cache tokens {_cache_tokens(log)} vs {_cache_tokens(baseline_log)}")
     assert "kv_cache_dtype=fp8" in log and "kv_cache_dtype=auto" in baseline_log
@@ -82,12 +82,7 @@ def test_the_kv_cache_alone_is_served_over_the_float_weights(demo_model, bf16_ga
     result = run_qserve("quantize", str(demo_model), "--scheme", "none", "--kv-cache", "fp8", "--num-samples", "16",
                         "-o", str(out))
     assert result.returncode == 0, result.stderr
-    gateway = start_gateway(out, "bf16-kv", tmp_path_factory)
-    try:
-        log = _engine_log(gateway)
-        served = _perplexity(gateway, out)
-    finally:
-        assert gateway.stop() in (0, -signal.SIGTERM)
+    log, served = _serve_and_score(out, "bf16-kv", tmp_path_factory, out)
     baseline_log = _engine_log(bf16_gateway)
     baseline = _perplexity(bf16_gateway, demo_model)
     print(f"\nbf16 weights: fp8 KV {served:.3f} vs bf16 KV {baseline:.3f} ({served / baseline - 1:+.2%}); "

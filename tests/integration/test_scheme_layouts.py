@@ -33,6 +33,8 @@ CASES = {  # name: (qserve quantize arguments, layout qserve export converts to,
     "fp8-dynamic": (["--scheme", "fp8-dynamic"], None),
     "w4a16-gptq-layout": (["--scheme", "w4a16"], "gptq"),
     "w4a16-asym-awq-layout": (["--scheme", "w4a16", "--asym"], "awq"),
+    # no kernel takes 3-bit weights: served as float weights on the 3-bit grid, decoded by qserve export
+    "w3a16-asym-dequantized": (["--scheme", "w3a16", "--asym", "--method", "hqq"], "dequantized"),
     # the rotation is fused into the weights: a plain checkpoint, its LM head stored untied
     "w8a8-rotated": (["--scheme", "w8a8", "--rotate", "hadamard"], None),
 }

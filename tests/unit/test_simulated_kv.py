@@ -105,4 +105,35 @@ def test_simulate_kv_refuses_an_unknown_method_in_one_line(tmp_path):
 
     result = CliRunner().invoke(app, ["simulate-kv", str(tmp_path), "--method", "kivi3"])
     assert result.exit_code == 1
-    assert result.output.strip() == "error: unknown simulated KV method 'kivi3'; use one of: kivi4, kivi2"
+    assert result.output.strip() == ("error: unknown simulated KV method 'kivi3'; use one of: kivi4, kivi2, prerope4, "
+                                     "prerope2")
+
+
+def _rope(positions: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.arange(positions)[:, None] * (10000.0 ** (-torch.arange(0, dim, 2) / dim))[None, :]
+    angles = torch.cat([angles, angles], dim=-1)[None]  # [1, seq, dim], the halves as transformers lays them
+    return angles.cos(), angles.sin()
+
+
+def test_pre_rope_keys_are_quantized_before_their_rotation():
+    """Pre-RoPE keys constant along tokens in each channel sit exactly on any per-channel grid: quantized
+    before RoPE they come back exactly (to float error); quantized after RoPE, which varies them along the
+    tokens, they do not. A wrong inverse rotation would lose the first property."""
+    cos, sin = _rope(8, 4)
+    pre = torch.tensor([3.0, -1.0, 0.5, 2.0]).expand(1, 1, 8, 4)
+    rotated = pre * cos[:, None] + simulated_kv._rotate_half(pre) * sin[:, None]
+    method = KIVI("p", bits=2, group=8, residual=8, pre_rope=True)
+    key_pre_q, _ = kivi_cache(rotated, rotated, method, (cos, sin))
+    key_post_q, _ = kivi_cache(rotated, rotated, method)
+    assert (key_pre_q - rotated).abs().max() < 1e-5
+    assert (key_post_q - rotated).abs().max() > 0.1
+
+
+def test_pre_rope_runs_on_a_model_through_its_rotary_embedding(tiny_model, monkeypatch):
+    ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(0))
+    method = KIVI("pre2", bits=2, group=8, residual=16, pre_rope=True)
+    reference, pre = _reference_and_simulated(tiny_model, ids, method, monkeypatch)
+    _, post = _reference_and_simulated(tiny_model, ids, KIVI("post2", bits=2, group=8, residual=16), monkeypatch)
+    error = (pre - reference).abs().amax(dim=-1)[0]
+    assert error[:16].max() < 1e-4 and error[16:].min() > 1e-4  # the same window; another cache further back
+    assert not torch.allclose(pre, post)
