@@ -68,7 +68,9 @@ def kivi_cache(key: torch.Tensor, value: torch.Tensor, method: KIVI,
         return (fake_quant_groups(key, method.bits, dim=2, group=method.group),
                 fake_quant_groups(value, method.bits, dim=3, group=method.group))
     cos, sin = (t[:, None, : key.shape[2]].to(key.dtype) for t in rope)
-    pre = key * cos - _rotate_half(key) * sin  # RoPE undone: the rotation by minus each position's angle
+    # RoPE undone: the rotation by minus each position's angle; cos and sin carry the rotary embedding's
+    # attention scaling (not 1 for YaRN / LongRoPE), which the division removes
+    pre = (key * cos - _rotate_half(key) * sin) / (cos * cos + sin * sin)
     pre_q = fake_quant_groups(pre, method.bits, dim=2, group=method.group)
     return pre_q * cos + _rotate_half(pre_q) * sin, fake_quant_groups(value, method.bits, dim=3, group=method.group)
 
@@ -111,13 +113,32 @@ def use_simulated_kv(model: torch.nn.Module, name: str) -> None:
     if name not in SIMULATED_KV:
         raise ValueError(f"unknown simulated KV method {name!r}; use one of: {', '.join(SIMULATED_KV)}")
     method, rope = SIMULATED_KV[name], {}
+    previous = getattr(model, "_qserve_rope_hook", None)
+    if previous is not None:  # one capture at a time, whatever was simulated before on this model
+        previous.remove()
+        model._qserve_rope_hook = None
     if method.pre_rope:
-        rotaries = [m for n, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding")]
-        if len(rotaries) != 1:
-            raise ValueError(f"{name} quantizes keys before RoPE, which needs the model's one rotary embedding; "
-                             f"this model has {len(rotaries)} (use kivi4 or kivi2)")
-        rotaries[0].register_forward_hook(lambda _m, _args, out: rope.__setitem__("cos_sin", out))
+        problem = pre_rope_problem(model)
+        if problem:
+            raise ValueError(f"{name}: {problem}")
+        model._qserve_rope_hook = _rotary(model).register_forward_hook(
+            lambda _m, _args, out: rope.__setitem__("cos_sin", out))
     attention = f"{SIMULATED_ATTENTION}_{name}"
     AttentionInterface.register(attention, simulated_attention(method, rope))
     AttentionMaskInterface.register(attention, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # the masks sdpa would get
     model.set_attn_implementation(attention)
+
+
+def _rotary(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    return found[0] if len(found) == 1 else None
+
+
+def pre_rope_problem(model: torch.nn.Module) -> Optional[str]:
+    """Why keys cannot be quantized before RoPE in ``model`` (None when they can): it needs one rotary
+    embedding over the whole head."""
+    if _rotary(model) is None:
+        return "quantizing keys before RoPE needs the model's one rotary embedding; use kivi4 or kivi2"
+    if getattr(model.config, "partial_rotary_factor", 1.0) != 1.0:
+        return "the model rotates part of each head only (partial_rotary_factor); use kivi4 or kivi2"
+    return None

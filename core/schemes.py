@@ -238,7 +238,11 @@ def parse_override(text: str, symmetric: Optional[bool] = None) -> Override:
         if not re.fullmatch(r"g\d+", group):
             raise SchemeError(f"override {text!r}: write the group size as gN (e.g. :g32), not {group!r}")
         group_size = int(group[1:])
-    weights = get_scheme(name, group_size).weights
+    preset = get_scheme(name, group_size)
+    if not preset.quantizes_weights:
+        raise SchemeError(f"override {text!r}: {name} quantizes no weights; to keep layers unquantized, leave them "
+                          f"out of the pattern")
+    weights = preset.weights
     if symmetric is not None and weights.type == "int":
         weights = dataclasses.replace(weights, symmetric=symmetric)
     if pattern.startswith("re:"):

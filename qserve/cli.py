@@ -131,7 +131,12 @@ def quantize(ctx: typer.Context,
 def _refuse_inapplicable(ctx: typer.Context, recipe, scheme, rotate: Optional[str], learned: bool) -> None:
     """Options of a method or a data path that this run does not take fail in one line, never silently."""
     calibrated = recipe.needs_calibration or scheme.static_activations or scheme.kv_cache is not None or learned
+    if not scheme.quantizes_weights and scheme.kv_cache is None:
+        raise OptionError(f"--scheme {scheme.name} quantizes nothing on its own; add --kv-cache fp8, or choose a "
+                          f"weight scheme")
     checks = [
+        (not scheme.quantizes_weights, ("method", "override", "group_size", "asymmetric", "observer", "rotate"),
+         f"to --scheme {scheme.name}, which quantizes no weights (only the KV cache)"),
         (recipe.quantizer != "gptq", ("actorder", "dampening"), "without GPTQ (e.g. --method gptq or awq+gptq)"),
         ("smoothquant" not in recipe.transforms, ("smoothquant_alpha", "smooth_linears"),
          "without SmoothQuant (e.g. --method smoothquant+gptq)"),
@@ -307,7 +312,9 @@ def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="
     from core.schemes import get_scheme
 
     for s in scheme:
-        get_scheme(s)
+        if not get_scheme(s).quantizes_weights:
+            raise OptionError(f"--scheme {s} quantizes no weights, so the demo has nothing to compare with bf16; "
+                              f"choose a weight scheme (e.g. w8a8, w4a16)")
     run_demo(output, tuple(scheme), port=port, windows=windows, log=typer.echo)
 
 

@@ -222,9 +222,9 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
     shapes = _tensor_shapes(files)
     model = meta_model(model_dir)
     linear = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
-    if not scheme.quantizes_weights and scheme.kv_cache is None:
-        raise MethodError(f"--scheme {scheme.name} quantizes nothing on its own; add --kv-cache fp8, or choose a "
-                          f"weight scheme")
+    if not scheme.quantizes_weights and (scheme.kv_cache is None or scheme.overrides or options.rotate):
+        raise MethodError(f"--scheme {scheme.name} quantizes no weights: it takes --kv-cache fp8, and no overrides "
+                          f"or rotation; choose a weight scheme for those")
     targets = [n for n in linear if scheme.quantizes_weights and not matches(n, scheme.ignore) and f"{n}.weight" in shapes]
     skipped = [n for n in linear if n not in targets]
     if options.auto_group_size:
@@ -243,6 +243,9 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
         learned_rotation = ROTATIONS[options.rotate].learned
         if learned_rotation and options.rotate_steps < 1:
             raise MethodError(f"--rotate-steps {options.rotate_steps}: a learned rotation needs at least 1 step")
+        if learned_rotation and options.device != "cpu":
+            raise MethodError(f"--rotate learned runs on the CPU (float32, the whole model); drop --device "
+                              f"{options.device}, or use --rotate hadamard")
     needs_calibration = (recipe.needs_calibration or scheme.static_activations or scheme.kv_cache is not None
                          or learned_rotation)
     calibration_report, samples = None, None

@@ -105,13 +105,17 @@ def learn_rotation(model_dir: Path, start: Rotation, scheme: Scheme, samples: to
 
     family = rotation_family(AutoConfig.from_pretrained(model_dir), start.kind)
     rotated = _RotatedModel(Path(model_dir), scheme, family)
+    # the last two samples are held out to say whether it learned (all of them when there are too few)
+    held = samples[-2:] if samples.shape[0] > 2 else samples
+    trained = samples.shape[0] - 2 if samples.shape[0] > 2 else samples.shape[0]
+    held_before = _mean_loss(rotated, start, held)
     r1, r2 = start.r1.double(), start.r2.double()
     began, losses = time.monotonic(), []
     for step in range(config.steps):
         if time.monotonic() - began > config.max_seconds:
             log(f"learned rotation: stopped at the {config.max_seconds:.0f} s cap after {step} steps")
             break
-        rows = torch.arange(step * config.batch, (step + 1) * config.batch) % samples.shape[0]
+        rows = torch.arange(step * config.batch, (step + 1) * config.batch) % trained
         p1, p2 = r1.float().requires_grad_(), r2.float().requires_grad_()
         loss = rotated.loss(replace(start, r1=p1, r2=p2), samples[rows])
         loss.backward()
@@ -119,9 +123,16 @@ def learn_rotation(model_dir: Path, start: Rotation, scheme: Scheme, samples: to
         r1, r2 = cayley_step(r1, p1.grad.double(), config.lr), cayley_step(r2, p2.grad.double(), config.lr)
         if step % 10 == 0:
             log(f"learned rotation: step {step + 1}/{config.steps}, loss {losses[-1]:.4f}")
-    first, last = sum(losses[:5]) / len(losses[:5]), sum(losses[-5:]) / len(losses[-5:])
-    log(f"learned rotation: {len(losses)} steps in {time.monotonic() - began:.0f} s, loss {first:.4f} -> {last:.4f} "
-        f"(mean of the first and last 5)")
+    learned = replace(start, r1=r1.float(), r2=r2.float())
+    held_after = _mean_loss(rotated, learned, held)
+    log(f"learned rotation: {len(losses)} steps in {time.monotonic() - began:.0f} s; quantized loss on "
+        f"{held.shape[0]} held-out samples {held_before:.4f} -> {held_after:.4f}")
     measured = {"steps": len(losses), "seconds": round(time.monotonic() - began, 1), "lr": config.lr,
-                "loss_first5": round(first, 4), "loss_last5": round(last, 4)}
-    return replace(start, r1=r1.float(), r2=r2.float()), measured
+                "heldout_samples": held.shape[0], "heldout_loss_start": round(held_before, 4),
+                "heldout_loss_learned": round(held_after, 4)}
+    return learned, measured
+
+
+@torch.no_grad()
+def _mean_loss(rotated: _RotatedModel, rotation: Rotation, samples: torch.Tensor) -> float:
+    return sum(float(rotated.loss(rotation, samples[i:i + 1])) for i in range(samples.shape[0])) / samples.shape[0]

@@ -40,13 +40,16 @@ def simulated_kv_perplexity(checkpoint: Path, methods: list[str], seq_len: int =
     from transformers import AutoTokenizer
 
     from accuracy.scoring import disjoint_windows, windows_perplexity
-    from accuracy.simulated_kv import SIMULATED_KV, use_simulated_kv
+    from accuracy.simulated_kv import SIMULATED_KV, pre_rope_problem, use_simulated_kv
     from core.data import data_file
 
     unknown = [m for m in methods if m not in SIMULATED_KV]
     if unknown:
         raise MethodError(f"unknown simulated KV method {unknown[0]!r}; use one of: {', '.join(SIMULATED_KV)}")
     model = _load_decoded(Path(checkpoint))
+    problem = pre_rope_problem(model) if any(SIMULATED_KV[m].pre_rope for m in methods) else None
+    if problem:  # before the baseline is scored
+        raise MethodError(f"{checkpoint}: {problem}")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     ids = tokenizer((text or data_file("wikitext2-test.raw")).read_text(encoding="utf-8"),
                     add_special_tokens=False)["input_ids"]

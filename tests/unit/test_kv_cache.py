@@ -141,7 +141,7 @@ def test_the_kv_cache_alone_leaves_every_linear_dense(tmp_path):
     from quantize.methods import MethodError
 
     src = make_tiny_llama_with_tokenizer(tmp_path / "src")
-    with pytest.raises(MethodError, match="--scheme none quantizes nothing on its own; add --kv-cache fp8"):
+    with pytest.raises(MethodError, match="--scheme none quantizes no weights: it takes --kv-cache fp8"):
         quantize_checkpoint(src, get_scheme("none"), "rtn", tmp_path / "nothing", progress=False, log=lambda m: None)
     assert not (tmp_path / "nothing").exists()
     out = tmp_path / "out"

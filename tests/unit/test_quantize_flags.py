@@ -24,6 +24,11 @@ MISSING = "/nonexistent/model"  # refusals come before the model is resolved
     (["--rotate-seed", "3"], "--rotate-seed does not apply without a rotation (e.g. --rotate hadamard)"),
     (["--rotate", "spin"], "unknown rotation 'spin'; use one of: hadamard, orthogonal, learned"),
     (["--rotate", "hadamard", "--rotate-steps", "5"], "--rotate-steps does not apply without a learned rotation"),
+    (["--scheme", "none"], "--scheme none quantizes nothing on its own; add --kv-cache fp8"),
+    (["--scheme", "none", "--kv-cache", "fp8", "--override", "re:.*mlp.*=w4a16"],
+     "--override does not apply to --scheme none, which quantizes no weights"),
+    (["--scheme", "none", "--kv-cache", "fp8", "--rotate", "hadamard"], "--rotate does not apply to --scheme none"),
+    (["--override", "down_proj=none"], "override 'down_proj=none': none quantizes no weights"),
     (["--kv-cache", "int4"], "--kv-cache 'int4' is not a KV-cache scheme vLLM serves; use one of: fp8"),
 ])
 def test_inapplicable_options_fail_in_one_line(args, message, tmp_path):
@@ -42,6 +47,7 @@ def test_inapplicable_options_fail_in_one_line(args, message, tmp_path):
     ["--rotate", "hadamard", "--rotate-seed", "3"],
     ["--method", "rtn", "--rotate", "learned", "--rotate-steps", "5", "--num-samples", "8"],  # learned on samples
     ["--method", "rtn", "--kv-cache", "fp8", "--num-samples", "8"],  # KV scales need calibration
+    ["--scheme", "none", "--kv-cache", "fp8", "--num-samples", "8"],
 ])
 def test_applicable_options_pass_the_check(args, tmp_path):
     """These reach model resolution (and fail there, on the missing model): the option check let them through."""

@@ -137,3 +137,27 @@ def test_pre_rope_runs_on_a_model_through_its_rotary_embedding(tiny_model, monke
     error = (pre - reference).abs().amax(dim=-1)[0]
     assert error[:16].max() < 1e-4 and error[16:].min() > 1e-4  # the same window; another cache further back
     assert not torch.allclose(pre, post)
+
+
+def test_pre_rope_quantization_equals_quantizing_the_models_own_pre_rope_keys(tiny_model):
+    """With the cos/sin the model's rotary embedding returns and its k_proj output: quantizing the post-RoPE
+    keys `pre_rope` gives RoPE(quantize(k_proj output)), as transformers applies RoPE."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    captured = {}
+    hooks = [tiny_model.model.rotary_emb.register_forward_hook(lambda _m, _a, out: captured.setdefault("rope", out)),
+             tiny_model.model.layers[0].self_attn.k_proj.register_forward_hook(
+                 lambda _m, _a, out: captured.setdefault("k", out))]
+    tiny_model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        tiny_model(torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(3)))
+    for hook in hooks:
+        hook.remove()
+    cos, sin = captured["rope"]
+    k = captured["k"].view(1, 24, -1, tiny_model.config.head_dim).transpose(1, 2)
+    _, k_rot = apply_rotary_pos_emb(k, k, cos, sin)
+    method = KIVI("p", bits=3, group=8, residual=8, pre_rope=True)
+    expected, _ = apply_rotary_pos_emb(fake_quant_groups(k, 3, dim=2, group=8), k, cos, sin)
+    got, _ = kivi_cache(k_rot, k_rot, method, (cos, sin))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(kivi_cache(k_rot, k_rot, KIVI("q", bits=3, group=8, residual=8))[0], expected, atol=1e-3)

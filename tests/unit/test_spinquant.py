@@ -64,6 +64,24 @@ def test_the_learned_rotation_lowers_the_quantized_loss_and_keeps_the_float_func
     assert report["learned"] == measured
 
 
+def test_the_folded_model_without_quantization_is_the_original(tiny):
+    """No weight quantized and no rotation: the folded model (norms folded, tied head on its own) gives the
+    original model's loss, so the optimiser differentiates the right function."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantize.rotation import Rotation, head_dim, rotation_family
+    from quantize.spinquant import _RotatedModel
+
+    config = AutoConfig.from_pretrained(tiny)
+    ids = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(2))
+    original = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = float(original(ids, labels=ids).loss)
+        identity = Rotation("learned", 0, torch.eye(config.hidden_size), torch.eye(head_dim(config)))
+        folded = _RotatedModel(tiny, get_scheme("none"), rotation_family(config, "learned"))
+        assert float(folded.loss(identity, ids)) == pytest.approx(expected, rel=1e-4)
+
+
 def test_quantize_with_a_learned_rotation_reports_it(tiny, tmp_path):
     from quantize.calibration import CalibrationSpec
     from quantize.pipeline import QuantizeOptions, quantize_checkpoint
@@ -74,5 +92,6 @@ def test_quantize_with_a_learned_rotation_reports_it(tiny, tmp_path):
                         options=options)
     rotation = json.loads((tmp_path / "out" / "qserve.json").read_text())["rotation"]
     assert rotation["kind"] == "learned" and rotation["learned"]["steps"] == 2
-    assert any(line.startswith("learned rotation: 2 steps") for line in said)
+    assert any(line.startswith("learned rotation: 2 steps") and "held-out" in line for line in said)
+    assert rotation["learned"]["heldout_samples"] == 2
     assert not list(tmp_path.glob(".rotated-*"))
