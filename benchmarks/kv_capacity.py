@@ -4,7 +4,7 @@ cache in the same small amount of cache memory, load-tested at rising concurrenc
     .venv/bin/python benchmarks/kv_capacity.py [--cache-mib 64] [--concurrency 1,2,4,8,16] [--input-len 512]
 
 Both engines run behind one gateway (one YAML config, two models), each with ``--kv-cache-memory-bytes``
-set and ``VLLM_CPU_KVCACHE_SPACE`` unset (it would override that). The cache memory is chosen small so that
+(qserve then leaves ``VLLM_CPU_KVCACHE_SPACE`` unset, which would override it). The cache memory is chosen small so that
 it, not the two cores, limits how many requests run at once: the bf16 cache holds about ``cache_mib`` MiB /
 23 KiB per token (the demo model: 30 layers x 2 x 3 KV heads x 64 x 2 bytes), the FP8 cache twice that.
 Prints the tokens each cache holds (vLLM's start-up log) and, per concurrency, the run table of
@@ -35,8 +35,7 @@ def _config(path: Path, models: dict[str, Path], cache_bytes: int) -> Path:
     lines = ["models:"]
     for name, ckpt in models.items():
         lines += [f"  - name: {name}", f"    checkpoint: {ckpt}", "    max_model_len: 2048",
-                  f'    engine_args: [--kv-cache-memory-bytes, "{cache_bytes}"]',
-                  '    env: {VLLM_CPU_KVCACHE_SPACE: ""}']
+                  f'    engine_args: [--kv-cache-memory-bytes, "{cache_bytes}"]']
     path.write_text("\n".join(lines) + "\n")
     return path
 

