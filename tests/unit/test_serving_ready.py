@@ -20,7 +20,7 @@ class FakeEngine:
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s, self.running, self.starts, self.process = delay_s, False, 0, None
-        self.config = SimpleNamespace(log_path=Path("/dev/null"))
+        self.config = SimpleNamespace(log_path=Path("/dev/null"), model_dir=Path("/nonexistent"))
 
     def start(self) -> None:
         self.starts += 1

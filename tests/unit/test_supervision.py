@@ -18,7 +18,7 @@ class FakeEngine:
     def __init__(self, fail_starts: int = 0) -> None:
         self.running, self.starts, self.fail_starts = False, 0, fail_starts
         self.process = None
-        self.config = SimpleNamespace(log_path=Path("/dev/null"))
+        self.config = SimpleNamespace(log_path=Path("/dev/null"), model_dir=Path("/nonexistent"))
 
     def start(self) -> None:
         self.starts += 1
