@@ -50,7 +50,7 @@ class EngineConfig:
         if eager:
             cmd.append("--enforce-eager")
         kv_dtype = checkpoint_kv_cache_dtype(self.model_dir)
-        if kv_dtype and not any(a.split("=")[0] == "--kv-cache-dtype" for a in self.extra_args):
+        if kv_dtype and not has_option(self.extra_args, "--kv-cache-dtype"):
             cmd += ["--kv-cache-dtype", kv_dtype]  # vLLM uses the calibrated k/v scales only with this set
         return cmd + list(self.extra_args)
 
@@ -65,12 +65,17 @@ def checkpoint_kv_cache_dtype(model_dir: Path) -> Optional[str]:
     return "fp8" if kv.get("type") == "float" and kv.get("num_bits") == 8 else None
 
 
+def has_option(args: tuple[str, ...], name: str) -> bool:
+    """Whether engine arguments give option ``name`` (``--name VALUE`` or ``--name=VALUE``)."""
+    return any(a.split("=")[0] == name for a in args)
+
+
 def _engine_env(overrides: tuple[tuple[str, str], ...] = (), engine_args: tuple[str, ...] = ()) -> dict[str, str]:
     env = {**os.environ, **dict(overrides)}
     if importlib.util.find_spec("vllm") is not None and _is_cpu_build():
         # GiB; vLLM-CPU's default takes a large share of RAM. The variable overrides --kv-cache-memory-bytes
         # in vLLM-CPU, so it is not set where the engine arguments size the cache themselves.
-        if not any(a.split("=")[0] == "--kv-cache-memory-bytes" for a in engine_args):
+        if not has_option(engine_args, "--kv-cache-memory-bytes"):
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         # On AMX CPUs vLLM-CPU runs 4-bit weight-only checkpoints as W4A8 (int8 activations) unless told not to;
         # a W4A16 checkpoint is served as W4A16 here (+3.7 % perplexity on the demo model otherwise). Opt in per
