@@ -110,8 +110,10 @@ def prepare_model(name: str, force: bool = False, log: Callable[[str], None] = p
 
 
 def resolve_model(model: str) -> Path:
-    """A local checkpoint directory for ``model``: a directory, a demo model name, or a hub id."""
+    """A local checkpoint for ``model``: a directory, a GGUF file (for llama.cpp), a demo model name, or a hub id."""
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.resolve()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(f"{path} has no config.json: pass a Hugging Face checkpoint directory")

@@ -203,6 +203,14 @@ register_preset(Scheme(name="w3a16", weights=QuantArgs(num_bits=3, strategy="gro
 register_preset(Scheme(name="w2a16", weights=QuantArgs(num_bits=2, strategy="group", group_size=64)))
 # no linear is a target: weights and activations stay in the checkpoint's dtype, for `--kv-cache` on its own
 register_preset(Scheme(name="none", weights=QuantArgs(), targets=()))
+# llama.cpp's block types (exporters/gguf_blocks.py): groups of 32 with float16 scales, so any method's result
+# maps onto Q4_0 / Q4_1 / Q8_0 blocks with the same arithmetic (export --layout gguf)
+register_preset(Scheme(name="gguf-q4_0", weights=QuantArgs(num_bits=4, strategy="group", group_size=32,
+                                                           scale_dtype="float16")))
+register_preset(Scheme(name="gguf-q4_1", weights=QuantArgs(num_bits=4, symmetric=False, strategy="group",
+                                                           group_size=32, scale_dtype="float16")))
+register_preset(Scheme(name="gguf-q8_0", weights=QuantArgs(num_bits=8, strategy="group", group_size=32,
+                                                           scale_dtype="float16")))
 # FP8 E4M3, named as llm-compressor names them: FP8_DYNAMIC (per-token activations) and FP8 (static).
 register_preset(Scheme(
     name="fp8-dynamic",

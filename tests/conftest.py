@@ -86,9 +86,11 @@ def processes() -> list[tuple[int, int, str]]:
 
 
 def vllm_processes() -> dict[int, str]:
-    """``pid -> command line`` of running vLLM servers, engine cores and reapers."""
+    """``pid -> command line`` of running engines (vLLM servers and engine cores, qserve's llama.cpp server and
+    llama-server) and their reapers."""
     return {pid: cmd for pid, _, cmd in processes()
-            if "vllm.entrypoints" in cmd or "serving.reaper" in cmd or cmd.startswith("VLLM::")}
+            if "vllm.entrypoints" in cmd or "serving.reaper" in cmd or cmd.startswith("VLLM::")
+            or "serving.llamacpp_server" in cmd or "/llama-server " in cmd}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -112,6 +114,6 @@ def no_leftovers(tmp_path_factory):
         problems.append(f"tests left files in the temp dir ($TMPDIR, tempfile): {temp_left[:10]} (use tmp_path)")
     stray = [cmd for pid, cmd in vllm_processes().items() if pid not in engines_before]
     if stray:
-        problems.append(f"tests left vLLM processes running: {stray[:5]}")
+        problems.append(f"tests left engine processes running: {stray[:5]}")
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)
