@@ -47,14 +47,15 @@ def llamacpp_gateway(q4_gguf, tmp_path_factory):
 def _engine_logprobs(gguf: Path, ids: list[int]) -> list[float]:
     """Each token's log-probability from the llama.cpp library, one prefix at a time (only the last position's
     logits each time: no bookkeeping over positions to get wrong)."""
-    from llama_cpp import Llama
+    import llama_cpp
 
-    llama = Llama(model_path=str(gguf), n_ctx=64, n_threads=2, verbose=False)
+    llama = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, n_threads=2, verbose=False)
     out = []
     for i in range(1, len(ids)):
         llama.reset()
         llama.eval(ids[:i])
-        logits = np.asarray(llama.scores[i - 1], dtype=np.float64)
+        last = llama_cpp.llama_get_logits_ith(llama.ctx, -1)
+        logits = np.ctypeslib.as_array(last, shape=(llama.n_vocab(),)).astype(np.float64)
         logits -= logits.max()
         out.append(float(logits[ids[i]] - np.log(np.exp(logits).sum())))
     return out
@@ -136,7 +137,8 @@ def test_engine_killed_mid_stream_is_restarted_and_nothing_outlives_the_gateway(
         ok = httpx.post(f"{gateway.url}/v1/completions", json={"model": "q4", "prompt": "Hi", "max_tokens": 2},
                         timeout=60)
         assert ok.status_code == 200, ok.text
-        groups = {pgid for _, pgid, cmd in processes() if str(model) in cmd and "serving.reaper" not in cmd}
+        groups = {pgid for _, pgid, cmd in processes()  # the engine's own group (the reaper's child session)
+                  if str(model) in cmd and "serving.llamacpp_server" in cmd and "serving.reaper" not in cmd}
         assert groups
         assert gateway.stop() in (0, -signal.SIGTERM)
         deadline = time.monotonic() + 30
