@@ -1,13 +1,13 @@
 """qserve GGUF files against llama.cpp's own quantizer, served by llama.cpp, measured through the gateway.
 
-    .venv/bin/python benchmarks/llamacpp_compare.py [--windows 16] [--seq-len 1024] [--speed] [--vllm]
+    .venv/bin/python benchmarks/llamacpp_compare.py [--windows 16] [--seq-len 1024] [--speed]
 
 Accuracy: WikiText-2 (test) perplexity through the gateway for the bf16 GGUF, llama.cpp's own Q4_0 and
 Q4_K_M (``llama-quantize`` on the same bf16 GGUF), and qserve's Q4_0/Q4_1 files made by RTN, GPTQ and
 AWQ+GPTQ. qserve's files store the (tied) token embedding as Q8_0, as llama.cpp's Q4_0 does, so sizes
 compare. ``--speed`` adds ``qserve loadtest`` at 1, 4 and 8 streams on the bf16 and the best 4-bit file and
 the batch-1 decode rate against the memory-bandwidth bound (weight bytes per token / measured read
-bandwidth); ``--vllm`` adds vLLM-CPU bf16 and W4A16 under the same load.
+bandwidth). vLLM under the same load is not part of this script yet.
 """
 
 from __future__ import annotations

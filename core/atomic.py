@@ -1,4 +1,4 @@
-"""Atomic output directories: a failed write leaves nothing behind, an existing output stays intact."""
+"""Atomic output directories and files: a failed write leaves nothing behind, an existing output stays intact."""
 
 from __future__ import annotations
 
@@ -14,13 +14,19 @@ class OutputExistsError(FileExistsError):
     """The output directory exists and overwriting was not asked for."""
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yields a temporary directory beside ``out`` that becomes ``out`` only if the block succeeds."""
+def writable_output(out: Path, force: bool) -> Path:
+    """``out``, once it is known that it may be written (absent, or ``force``); its parent is created."""
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to overwrite it or choose another -o")
     out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yields a temporary directory beside ``out`` that becomes ``out`` only if the block succeeds."""
+    out = writable_output(out, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
@@ -36,10 +42,7 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_output_file(out: Path, force: bool = False) -> Iterator[Path]:
     """Yields a temporary path beside ``out`` that becomes ``out`` only if the block succeeds."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; pass --force to overwrite it or choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = writable_output(out, force)
     handle, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(handle)
     tmp = Path(name)

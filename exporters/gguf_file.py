@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,7 +23,7 @@ from core.models import ModelError
 from core.schemes import Scheme, SchemeError
 from exporters.dequantize import checkpoint_layout, is_layer_tensor, load_tensors, quantized_prefixes, tensor_locations
 from exporters.gguf_blocks import BLOCK, BlockType, block_type_for, pack_weight
-from exporters.gguf_model import arch_for, permute_rows, write_hparams, write_tokenizer
+from exporters.gguf_model import arch_for, permute_rows, read_tokenizer, write_hparams, write_tokenizer
 from exporters.layouts import KV_SCALE_SUFFIXES, Layout
 
 FLOAT_TYPES = ("bf16", "f16", "f32", "q8_0")  # for float tensors of two dimensions (q8_0: llama.cpp's own rounding)
@@ -60,6 +60,7 @@ def export_gguf(src: Path, out_file: Path, force: bool = False, float_type: Opti
         if value is not None and value not in FLOAT_TYPES:
             raise SchemeError(f"{name} {value!r}: choose one of {', '.join(FLOAT_TYPES)}")
     plan, blocks = _plan(config, arch, layout, scheme, where, float_type, embedding_type or float_type, src)
+    tokenizer = read_tokenizer(src, int(config["vocab_size"]))
     main_type = next(iter(blocks.values())).name if blocks else float_type
     provenance = _provenance(src, layout, scheme, main_type)
     with atomic_output_file(out_file, force=force) as tmp:
@@ -68,7 +69,7 @@ def export_gguf(src: Path, out_file: Path, force: bool = False, float_type: Opti
         writer.add_name(config.get("_model_name_or_path") or src.name)
         write_hparams(writer, config, _FILE_TYPES[main_type])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_tokenizer(writer, src, int(config["vocab_size"]))
+        write_tokenizer(writer, tokenizer)
         for key, value in provenance.items():
             writer.add_string(f"qserve.{key}", value if isinstance(value, str) else json.dumps(value))
         for t in plan:
@@ -92,8 +93,7 @@ def check_exportable(model_dir: Path, scheme: Scheme) -> None:
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     arch_for(config, str(model_dir))
-    if not (model_dir / "tokenizer.json").is_file():
-        raise ModelError(f"{model_dir} has no tokenizer.json, which a GGUF carries; add the model's tokenizer files")
+    read_tokenizer(model_dir, int(config["vocab_size"]))
     _check_scheme(scheme, model_dir)
     for args in (scheme.weights, *(o.weights for o in scheme.overrides)):
         block_type_for(args, f"--scheme {scheme.name}")
@@ -124,9 +124,9 @@ def _plan(config, arch, layout: Optional[Layout], scheme: Optional[Scheme], wher
     kv_heads = int(config.get("num_key_value_heads") or heads)
     tied = bool(config.get("tie_word_embeddings"))
     shapes = _shapes(where)
-    plan = []
+    plan, quantized = [], set(prefixes)
     for key in where:
-        if layout and (is_layer_tensor(key, set(prefixes), layout) or key.endswith(KV_SCALE_SUFFIXES)):
+        if layout and (is_layer_tensor(key, quantized, layout) or key.endswith(KV_SCALE_SUFFIXES)):
             continue
         if tied and key == "lm_head.weight":
             continue
@@ -155,8 +155,6 @@ def _float_plan(key, shape, names, float_type, embedding_type, src) -> PlannedTe
 
 
 def _with_permutation(t: PlannedTensor, heads: int, kv_heads: int) -> PlannedTensor:
-    from dataclasses import replace
-
     if t.gguf_name.endswith("attn_q.weight") or t.gguf_name.endswith("attn_q.bias"):
         return replace(t, permute_heads=heads)
     if t.gguf_name.endswith("attn_k.weight") or t.gguf_name.endswith("attn_k.bias"):
@@ -217,8 +215,6 @@ def _tensor_data(t: PlannedTensor, where, layout, scheme, blocks: dict[str, Bloc
         raw = load_tensors(where, [k for k in where if is_layer_tensor(k, {t.source}, layout)])
         qw = layout.read(raw, t.source, scheme.weights_for(t.source))
         if t.permute_heads:
-            from dataclasses import replace
-
             qw = replace(qw, q=permute_rows(qw.q, t.permute_heads), scale=permute_rows(qw.scale, t.permute_heads),
                          zero=permute_rows(qw.zero, t.permute_heads))
         return pack_weight(qw, blocks[t.source], t.source)

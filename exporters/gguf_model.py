@@ -102,8 +102,18 @@ def _pre_tokenizer_key(pre: Optional[dict[str, Any]]) -> tuple[tuple[str, ...], 
     return regexes, digits, byte_regex
 
 
-def write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
-    """Vocabulary, merges, special tokens and chat template of a byte-level BPE tokenizer (``tokenizer.json``)."""
+@dataclass(frozen=True)
+class BPETokenizer:
+    """A byte-level BPE tokenizer as llama.cpp takes it: pre-tokenizer name, tokens by id and their types."""
+
+    model_dir: Path
+    pre: str
+    tokens: list[str]
+    types: list[int]
+
+
+def read_tokenizer(model_dir: Path, vocab_size: int) -> BPETokenizer:
+    """The checkpoint's ``tokenizer.json`` as llama.cpp takes it; a clear refusal for what it cannot take."""
     import gguf
 
     path = Path(model_dir) / "tokenizer.json"
@@ -131,11 +141,18 @@ def write_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     for i, text in enumerate(tokens):
         if not text:
             tokens[i] = f"[PAD{i}]"
+    return BPETokenizer(Path(model_dir), pre, tokens, [int(t) for t in types])
+
+
+def write_tokenizer(writer, tokenizer: BPETokenizer) -> None:
+    """Vocabulary, merges, special tokens and chat template (the last three read by ``gguf.SpecialVocab``)."""
+    import gguf
+
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types([int(t) for t in types])
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+    writer.add_tokenizer_pre(tokenizer.pre)
+    writer.add_token_list(tokenizer.tokens)
+    writer.add_token_types(tokenizer.types)
+    gguf.SpecialVocab(tokenizer.model_dir, load_merges=True, n_vocab=len(tokenizer.tokens)).add_to_gguf(writer, quiet=True)
 
 
 def _is_byte_level(data: dict[str, Any]) -> bool:

@@ -75,10 +75,6 @@ class ModelSpec(BaseModel):
             raise ValueError(f"engine {self.engine!r} is not one qserve launches; choose {' or '.join(ENGINES)}")
         if self.urls and (self.engine or self.threads):
             raise ValueError("'engine' and 'threads' apply to a 'checkpoint' the gateway launches")
-        if self.engine == "llamacpp" and self.enforce_eager is not None:
-            raise ValueError("'enforce_eager' is a vLLM option; llama.cpp has no compile step to skip")
-        if self.threads and self.engine not in (None, "llamacpp"):
-            raise ValueError("'threads' is a llama.cpp option; vLLM-CPU takes its threads from the environment")
         bad = [u for u in self.urls if not u.startswith(("http://", "https://"))]
         if bad:
             raise ValueError(f"urls must start with http:// or https:// (got {bad[0]!r})")
@@ -164,11 +160,7 @@ def build_backends(config: GatewayConfig, resolve: Callable[[str], Path], free_p
             continue
         checkpoint = resolve(spec.checkpoint)
         kind = spec.engine or engine_for(checkpoint)
-        if not ENGINES[kind].accepts(checkpoint):
-            raise ConfigError(f"model {spec.name}: engine {kind} does not serve {checkpoint} (llama.cpp serves a .gguf "
-                              f"file, vLLM a checkpoint directory)")
-        if spec.threads and kind != "llamacpp":
-            raise ConfigError(f"model {spec.name}: 'threads' is a llama.cpp option, and {checkpoint} is served by {kind}")
+        _check_engine_options(spec, kind, checkpoint)
         for i in range(spec.replicas):
             name = spec.name if spec.replicas == 1 else f"{spec.name}-{i}"
             engine = EngineConfig(model_dir=checkpoint, served_name=spec.name, port=free_port(),
@@ -177,3 +169,16 @@ def build_backends(config: GatewayConfig, resolve: Callable[[str], Path], free_p
                                   log_path=log_dir / f"{kind}-{name}-{stamp}.log", engine=kind, threads=spec.threads)
             backends.append(Backend.launched(engine, name=name))
     return backends
+
+
+def _check_engine_options(spec: ModelSpec, kind: str, checkpoint: Path) -> None:
+    """The engine serves the checkpoint, and no option of the other engine was given (none is ignored silently)."""
+    if not ENGINES[kind].accepts(checkpoint):
+        raise ConfigError(f"model {spec.name}: engine {kind} does not serve {checkpoint} (llama.cpp serves a .gguf "
+                          f"file, vLLM a checkpoint directory)")
+    if spec.threads and kind != "llamacpp":
+        raise ConfigError(f"model {spec.name}: 'threads' is a llama.cpp option, and {checkpoint} is served by {kind} "
+                          f"(vLLM-CPU takes its threads from the environment)")
+    if spec.enforce_eager is not None and kind != "vllm":
+        raise ConfigError(f"model {spec.name}: 'enforce_eager' is a vLLM option, and {checkpoint} is served by {kind} "
+                          f"(llama.cpp has no compile step to skip)")

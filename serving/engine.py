@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,13 @@ def _llamacpp_missing() -> Optional[str]:
     except FileNotFoundError as exc:
         return str(exc)
     return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def checkpoint_kv_cache_dtype(model_dir: Path) -> Optional[str]:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +24,8 @@ from typing import Any, Optional
 
 import numpy as np
 from aiohttp import ClientSession, ClientTimeout, web
+
+from serving.engine import free_port
 
 RELAYED_HEADERS = ("Content-Type", "Cache-Control")
 
@@ -63,8 +63,11 @@ class Scorer:
         with self._lock:
             return self._load().tokenize(text.encode(), add_bos=True, special=True)
 
-    def piece(self, token: int) -> str:
-        return self._load().detokenize([token]).decode(errors="replace")
+    def pieces(self, tokens: set[int]) -> dict[int, str]:
+        """Each token's text, as the engine's vocabulary spells it."""
+        with self._lock:
+            llama = self._load()
+            return {t: llama.detokenize([t]).decode(errors="replace") for t in tokens}
 
     def score(self, ids: list[int], top_n: int, generate: int) -> tuple[list[int], list[Optional[float]], list]:
         """(ids with up to ``generate`` greedy tokens appended, log-probability of each token given the ones
@@ -122,7 +125,7 @@ class Relay:
             return _error(400, "the request body is not JSON")
         if body.get("echo") and body.get("logprobs") is not None:
             return await self._score(body)
-        return await self.relay(request, body)
+        return await self.relay(request)
 
     async def _score(self, body: dict[str, Any]) -> web.Response:
         if body.get("stream"):
@@ -143,7 +146,9 @@ class Relay:
         except ValueError as exc:
             return _error(400, str(exc))
         as_ids = bool(body.get("return_tokens_as_token_ids"))
-        name = (lambda t: f"token_id:{t}") if as_ids else self.scorer.piece
+        wanted = set(ids) if as_ids else set(ids) | {i for top in tops if top for i, _ in top}
+        text_of = await loop.run_in_executor(None, self.scorer.pieces, wanted)
+        name = (lambda t: f"token_id:{t}") if as_ids else text_of.__getitem__
         tokens = [name(t) for t in ids]
         offsets, at = [], 0
         for text in tokens:
@@ -151,7 +156,7 @@ class Relay:
             at += len(text)
         logprobs = {"tokens": tokens, "token_logprobs": chosen, "text_offset": offsets,
                     "top_logprobs": [None if t is None else {name(i): lp for i, lp in t} for t in tops]}
-        text = "".join(self.scorer.piece(t) for t in ids)
+        text = "".join(text_of[t] for t in ids)
         n_prompt = len(ids) - generate
         return web.json_response({
             "id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
@@ -159,9 +164,9 @@ class Relay:
             "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": "length"}],
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": generate, "total_tokens": len(ids)}})
 
-    async def relay(self, request: web.Request, body: Optional[dict[str, Any]] = None) -> web.StreamResponse:
+    async def relay(self, request: web.Request) -> web.StreamResponse:
         """Passes the request to llama-server and its answer back, streamed as it comes."""
-        data = json.dumps(body).encode() if body is not None else await request.read()
+        data = await request.read()  # the bytes as sent (aiohttp keeps them after request.json())
         headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
         async with self.session.request(request.method, f"{self.upstream}{request.path_qs}", data=data or None,
                                         headers=headers) as upstream:
@@ -178,7 +183,7 @@ class Relay:
             body = await request.json()
         except ValueError:
             return _error(400, "the request body is not JSON")
-        return await self.relay(request, body)
+        return await self.relay(request)
 
     async def health(self, request: web.Request) -> web.Response:
         try:
@@ -202,12 +207,6 @@ def build_app(upstream: str, served_name: str, scorer: Scorer) -> web.Applicatio
     return app
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
@@ -218,7 +217,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--parallel", type=int, default=8, help="sequences decoded together")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args, engine_args = parser.parse_known_args(argv)
-    port = _free_port()
+    port = free_port()
     # llama-server's context is shared by its parallel slots: give each slot the whole --ctx
     cmd = [str(llama_server_binary()), "-m", str(args.model), "--host", "127.0.0.1", "--port", str(port),
            "-c", str(args.ctx * args.parallel), "-np", str(args.parallel), "-t", str(args.threads), "--metrics",

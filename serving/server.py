@@ -8,6 +8,7 @@ from typing import Callable, Optional
 from core.models import cache_root, resolve_model
 from serving.app import GatewaySettings, build_app
 from serving.config import GatewayConfig, build_backends
+from serving.engine import free_port
 from serving.keys import KeyRing
 
 
@@ -29,12 +30,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def serve(config: GatewayConfig, log: Callable[[str], None] = print) -> None:

@@ -85,7 +85,7 @@ def processes() -> list[tuple[int, int, str]]:
     return found
 
 
-def vllm_processes() -> dict[int, str]:
+def engine_processes() -> dict[int, str]:
     """``pid -> command line`` of running engines (vLLM servers and engine cores, qserve's llama.cpp server and
     llama-server) and their reapers."""
     return {pid: cmd for pid, _, cmd in processes()
@@ -99,7 +99,7 @@ def no_leftovers(tmp_path_factory):
     dir, or vLLM processes running: listings before and after the session are compared. The temp dir is the
     session's own (``session_temp_dir``); pytest's ``tmp_path`` base stays outside it, as before."""
     tmp_path_factory.getbasetemp()  # fixed in the machine's temp dir before tempfile is pointed elsewhere
-    before, written_before, engines_before = _untracked(), _written(), vllm_processes()
+    before, written_before, engines_before = _untracked(), _written(), engine_processes()
     with session_temp_dir() as temp:
         yield
         temp_left = sorted(_temp_entries(temp))
@@ -112,7 +112,7 @@ def no_leftovers(tmp_path_factory):
         problems.append(f"tests left files in {'/, '.join(WRITTEN)}/: {sorted(written)[:10]}")
     if temp_left:
         problems.append(f"tests left files in the temp dir ($TMPDIR, tempfile): {temp_left[:10]} (use tmp_path)")
-    stray = [cmd for pid, cmd in vllm_processes().items() if pid not in engines_before]
+    stray = [cmd for pid, cmd in engine_processes().items() if pid not in engines_before]
     if stray:
         problems.append(f"tests left engine processes running: {stray[:5]}")
     if problems:

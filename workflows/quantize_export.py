@@ -7,9 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from core.atomic import OutputExistsError
+from core.atomic import writable_output
 from core.schemes import Scheme
-from exporters.convert import FILE_TARGETS, export_checkpoint
+from exporters.convert import export_checkpoint
 from exporters.gguf_file import check_exportable
 from quantize.pipeline import QuantizeOptions, QuantizeReport, quantize_checkpoint
 
@@ -20,11 +20,8 @@ def quantize_to_file(model_dir: Path, scheme: Scheme, method: str, out_file: Pat
                      log: Callable[[str], None] = print, options: QuantizeOptions = QuantizeOptions()) -> QuantizeReport:
     """Quantizes ``model_dir`` and writes it as ``out_file`` in ``layout`` (one of ``FILE_TARGETS``); what cannot be
     written is refused before calibration starts, and the intermediate checkpoint is removed afterwards."""
-    out_file = Path(out_file)
-    if out_file.exists() and not force:
-        raise OutputExistsError(f"{out_file} already exists; pass --force to overwrite it or choose another -o")
+    out_file = writable_output(out_file, force)
     PREFLIGHT[layout](Path(model_dir), scheme)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_file.name}.ckpt-", dir=out_file.parent))
     try:
         report = quantize_checkpoint(model_dir, scheme, method, work / "checkpoint", log=log, options=options)

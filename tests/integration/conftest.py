@@ -30,12 +30,17 @@ def demo_model() -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="session")
-def w8a8_model(demo_model, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ckpt") / "smollm2-w8a8"
-    result = run_qserve("quantize", str(demo_model), "--scheme", "w8a8", "--method", "rtn", "-o", str(out))
+def quantize_demo(demo_model: Path, out: Path, *options: str) -> Path:
+    """``out``: the demo model quantized by ``qserve quantize`` with ``options``."""
+    result = run_qserve("quantize", str(demo_model), *options, "-o", str(out))
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def w8a8_model(demo_model, tmp_path_factory) -> Path:
+    return quantize_demo(demo_model, tmp_path_factory.mktemp("ckpt") / "smollm2-w8a8", "--scheme", "w8a8",
+                         "--method", "rtn")
 
 
 def start_gateway(model_dir: Path, name: str, tmp_path_factory) -> GatewayProcess:

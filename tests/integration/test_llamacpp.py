@@ -15,7 +15,7 @@ import pytest
 from serving.launcher import GatewayProcess
 from serving.server import free_port
 from tests.conftest import processes
-from tests.integration.conftest import run_qserve, start_gateway
+from tests.integration.conftest import quantize_demo, run_qserve, start_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 SAMPLE_IDS = [19556, 905, 28, 451, 314, 253, 1028, 30, 378, 3938, 282, 4649, 314]  # "Hello world, this is a test..."
@@ -23,10 +23,8 @@ SAMPLE_IDS = [19556, 905, 28, 451, 314, 253, 1028, 30, 378, 3938, 282, 4649, 314
 
 @pytest.fixture(scope="module")
 def q4_checkpoint(demo_model, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gguf") / "smollm2-q4_0"
-    result = run_qserve("quantize", str(demo_model), "--scheme", "gguf-q4_0", "--method", "rtn", "-o", str(out))
-    assert result.returncode == 0, result.stderr
-    return out
+    return quantize_demo(demo_model, tmp_path_factory.mktemp("gguf") / "smollm2-q4_0", "--scheme", "gguf-q4_0",
+                         "--method", "rtn")
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +153,7 @@ def test_bad_input_fails_in_one_line(q4_checkpoint, demo_model, tmp_path):
     result = run_qserve("serve", str(broken), "--port", str(free_port()), "--log-dir", str(tmp_path / "logs"))
     assert result.returncode == 1 and result.stderr.startswith("error: llama.cpp exited"), result.stderr[-2000:]
     assert "Traceback" not in result.stderr.split("Last lines of its log")[0]
-    w4 = tmp_path / "w4"
-    assert run_qserve("quantize", str(demo_model), "--scheme", "w4a16", "-o", str(w4)).returncode == 0
+    w4 = quantize_demo(demo_model, tmp_path / "w4", "--scheme", "w4a16")
     result = run_qserve("export", str(w4), "--layout", "gguf", "-o", str(tmp_path / "w4.gguf"))
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "gguf-q4_0" in result.stderr
     assert not (tmp_path / "w4.gguf").exists()

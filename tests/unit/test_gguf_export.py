@@ -71,8 +71,7 @@ def _read(path):
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
-    fields = {name: field for name, field in reader.fields.items()}
-    return reader, fields
+    return reader, reader.fields
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -98,7 +97,7 @@ def test_exported_file_reads_back_as_the_quantized_checkpoint(tiny_with_tokenize
         for gguf_name, hf in (("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
                               ("ffn_down", "mlp.down_proj"), ("attn_output", "self_attn.o_proj")):
             t = tensors[f"blk.{layer}.{gguf_name}.weight"]
-            assert t.tensor_type.name == BLOCK_TYPES[t.tensor_type.name].name
+            assert t.tensor_type.name == block_type_for(get_scheme(preset).weights, preset).name
             decoded = quants.dequantize(t.data, t.tensor_type)
             if gguf_name in heads:
                 decoded = _unpermute(decoded, heads[gguf_name])
@@ -159,3 +158,15 @@ def test_inspect_reads_gguf_types_and_bits_and_refuses_a_foreign_file(tiny_with_
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 20)
     with pytest.raises(ModelError, match="not a GGUF file"):
         inspect_checkpoint(tmp_path / "bad.gguf")
+
+
+def test_quantizing_to_gguf_refuses_a_tokenizer_llama_cpp_cannot_take_before_any_work(tiny_with_tokenizer, tmp_path):
+    from exporters.gguf_file import check_exportable
+
+    model = tmp_path / "wordpiece"
+    model.mkdir()
+    (model / "config.json").write_text((tiny_with_tokenizer / "config.json").read_text())
+    (model / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
+    with pytest.raises(ModelError, match="WordPiece tokenizer"):
+        check_exportable(model, get_scheme("gguf-q4_0"))
+    check_exportable(tiny_with_tokenizer, get_scheme("gguf-q4_0"))  # the same config with its BPE tokenizer passes
