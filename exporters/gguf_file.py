@@ -19,6 +19,7 @@ import torch
 
 from core.atomic import atomic_output_file
 from core.checkpoint import qserve_version
+from core.progress import progress as progress_bar
 from core.models import ModelError
 from core.schemes import Scheme, SchemeError
 from exporters.dequantize import checkpoint_layout, is_layer_tensor, load_tensors, quantized_prefixes, tensor_locations
@@ -43,8 +44,9 @@ class PlannedTensor:
 
 
 def export_gguf(src: Path, out_file: Path, force: bool = False, float_type: Optional[str] = None,
-                embedding_type: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
-    """Writes checkpoint ``src`` as the GGUF file ``out_file``; returns the provenance stored in its metadata."""
+                embedding_type: Optional[str] = None, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Writes checkpoint ``src`` as the GGUF file ``out_file``; returns the provenance stored in its metadata.
+    ``progress`` shows the tensors being written (a bar on a terminal, a line every 10 % in a log)."""
     import gguf
 
     start = time.perf_counter()
@@ -79,7 +81,7 @@ def export_gguf(src: Path, out_file: Path, force: bool = False, float_type: Opti
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in plan:
+        for t in progress_bar(plan, desc=f"write GGUF {main_type}", unit="tensor", disable=not progress):
             writer.write_tensor_data(_tensor_data(t, where, layout, scheme, blocks))
         writer.close()
         size = tmp.stat().st_size
