@@ -30,20 +30,34 @@ def _grouped(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 
 def compute_qparams(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per channel or group (float32, int32 ``[out, n_groups]``) by the args' observer."""
-    g = _grouped(w.float(), args)
-    lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
-    if args.observer == "mse":
-        return _mse_qparams(g, lo, hi, args)
-    return _range_qparams(lo, hi, args)
+    return OBSERVERS[args.observer](_grouped(w.float(), args), args)
+
+
+def _range(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's range, widened to hold zero (the grid's zero must be a value)."""
+    return g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
+
+
+def _minmax_qparams(g: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    return _range_qparams(*_range(g), args)
+
+
+def _extreme_qparams(g: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's Q4_0 rule: the largest-magnitude value maps onto ``qmin`` exactly, so the scale carries its
+    sign and the opposite side clips at ``qmax`` (a level more on the side that needs it than ``minmax``)."""
+    extreme = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+    scale = stored_scale(extreme / args.qmin, args.scale_dtype)
+    return scale, torch.zeros_like(scale, dtype=torch.int32)
 
 
 def stored_scale(scale: torch.Tensor, scale_dtype: Optional[str]) -> torch.Tensor:
     """``scale`` (float32) as the checkpoint will store it: rounded to ``scale_dtype`` within its normal range
-    (so nothing becomes zero, subnormal or infinite there), returned as float32."""
+    (so nothing becomes zero, subnormal or infinite there; a negative scale keeps its sign), returned as float32."""
     dtype = getattr(torch, scale_dtype) if scale_dtype else torch.float32
     info = torch.finfo(dtype)
     smallest = max(info.tiny, torch.finfo(torch.float32).tiny * 1e6)  # all-zero rows stay finite
-    return scale.clamp(min=smallest, max=info.max).to(dtype).float()
+    magnitude = scale.abs().clamp(min=smallest, max=info.max).to(dtype).float()
+    return torch.where(scale < 0, -magnitude, magnitude)
 
 
 def _range_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,9 +73,10 @@ def _range_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tuple
     return scale, zero
 
 
-def _mse_qparams(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs,
-                 steps: int = 50, max_shrink: float = 0.8, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+def _mse_qparams(g: torch.Tensor, args: QuantArgs, steps: int = 50, max_shrink: float = 0.8,
+                 norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrinks the range per channel/group while that lowers the ``|w - q(w)|^norm`` error (a clipping search)."""
+    lo, hi = _range(g)
     best_err = torch.full(lo.shape, float("inf"), device=g.device)
     best_scale, best_zero = _range_qparams(lo, hi, args)
     for i in range(steps):
@@ -74,6 +89,10 @@ def _mse_qparams(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: Quan
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
+
+
+# The observers of core.schemes.OBSERVERS: grouped weights ``[out, n_groups, group_len]`` -> scale, zero point
+OBSERVERS = {"minmax": _minmax_qparams, "mse": _mse_qparams, "extreme": _extreme_qparams}
 
 
 def round_to_grid(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:

@@ -14,7 +14,14 @@ from typing import Any, Literal, Optional
 
 Strategy = Literal["tensor", "channel", "group", "token"]
 NumType = Literal["int", "float"]
-Observer = Literal["minmax", "mse"]
+Observer = Literal["minmax", "mse", "extreme"]
+# How each group's range is chosen (core/numerics.py OBSERVERS holds the code of each)
+OBSERVERS = {
+    "minmax": "the group's min and max (symmetric: the larger magnitude over half the grid's width)",
+    "mse": "a clipping search that shrinks the range while the rounding error falls",
+    "extreme": "llama.cpp's Q4_0 rule: the group's largest-magnitude value lands exactly on the grid's negative "
+               "end (the scale takes that value's sign); symmetric int only",
+}
 SCALE_DTYPES = (None, "bfloat16", "float16", "float32")
 
 
@@ -38,8 +45,11 @@ class QuantArgs:
     scale_dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.observer not in ("minmax", "mse"):
-            raise SchemeError(f"unknown observer {self.observer!r}; choose minmax or mse")
+        if self.observer not in OBSERVERS:
+            raise SchemeError(f"unknown observer {self.observer!r}; choose {', '.join(OBSERVERS)}")
+        if self.observer == "extreme" and (self.type != "int" or not self.symmetric):
+            raise SchemeError("observer 'extreme' maps a group's extreme onto a symmetric integer grid; drop --asym "
+                              "or choose --observer minmax")
         if self.strategy == "group" and not self.group_size:
             raise SchemeError("strategy 'group' needs a group_size (e.g. 64 or 128)")
         if self.strategy != "group" and self.group_size is not None:
@@ -206,7 +216,7 @@ register_preset(Scheme(name="none", weights=QuantArgs(), targets=()))
 # llama.cpp's block types (exporters/gguf_blocks.py): groups of 32 with float16 scales, so any method's result
 # maps onto Q4_0 / Q4_1 / Q8_0 blocks with the same arithmetic (export --layout gguf)
 register_preset(Scheme(name="gguf-q4_0", weights=QuantArgs(num_bits=4, strategy="group", group_size=32,
-                                                           scale_dtype="float16")))
+                                                           scale_dtype="float16", observer="extreme")))
 register_preset(Scheme(name="gguf-q4_1", weights=QuantArgs(num_bits=4, symmetric=False, strategy="group",
                                                            group_size=32, scale_dtype="float16")))
 register_preset(Scheme(name="gguf-q8_0", weights=QuantArgs(num_bits=8, strategy="group", group_size=32,

@@ -72,7 +72,10 @@ def quantize(ctx: typer.Context,
                                                          "matching layers, e.g. 're:.*down_proj$=w8a16'."),
              device: str = typer.Option("cpu", help="Where calibrated layers run: cpu, cuda, cuda:N."),
              asymmetric: bool = typer.Option(False, "--asym", help="Asymmetric weights (with a zero point)."),
-             observer: str = typer.Option("minmax", help="Weight range: minmax, or mse (clipping search)."),
+             observer: Optional[str] = typer.Option(None, help="Weight range: minmax, mse (clipping search), or "
+                                                              "extreme (llama.cpp's Q4_0 rule; symmetric only). "
+                                                              "Default: the preset's (minmax; extreme for "
+                                                              "gguf-q4_0)."),
              calib_file: Optional[str] = typer.Option(None, help="Calibration text or JSONL file, or a hub "
                                                                  "dataset hf:NAME[:CONFIG]:SPLIT (default: shared "
                                                                  "WikiText-2 validation)."),
@@ -119,7 +122,7 @@ def quantize(ctx: typer.Context,
     weights = chosen.weights
     if weights.type == "int":
         weights = replace(weights, symmetric=weights.symmetric and not asymmetric)  # an asymmetric preset stays so
-    chosen = replace(chosen, weights=replace(weights, observer=observer),
+    chosen = replace(chosen, weights=replace(weights, observer=observer or weights.observer),
                      overrides=tuple(parse_override(o, symmetric=False if asymmetric else None)
                                      for o in override)).with_kv_cache(kv_cache)
     recipe = parse_recipe(method)

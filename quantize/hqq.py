@@ -36,6 +36,7 @@ def hqq_qparams(w: torch.Tensor, args: QuantArgs, iters: int = 20, p: float = 0.
         best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
         target = g - _shrink(g - (q - z) * s, beta, p)
         fitted = ((q - z) * target).sum(-1) / (q - z).pow(2).sum(-1).clamp(min=1e-12)
-        scale = numerics.stored_scale(torch.where(fitted > 0, fitted, scale), args.scale_dtype)
+        # a fit that would flip the scale's sign (negative scales: observer 'extreme') keeps the old one
+        scale = numerics.stored_scale(torch.where(fitted * scale > 0, fitted, scale), args.scale_dtype)
         beta *= kappa
     return best_scale, zero

@@ -78,9 +78,11 @@ def test_greedy_completion_and_streaming_chat_through_the_openai_sdk(llamacpp_ga
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{llamacpp_gateway.url}/v1", api_key="unused")
-    first = client.completions.create(model="q4", prompt="The capital of France is", max_tokens=8, temperature=0)
-    again = client.completions.create(model="q4", prompt="The capital of France is", max_tokens=8, temperature=0)
-    assert "Paris" in first.choices[0].text and first.choices[0].text == again.choices[0].text
+    # transformers on this 4-bit model continues " five, six, seven, eight," (a fact prompt is too brittle: its
+    # greedy answer to "The capital of France is" changes with the observer, in transformers as on the engine)
+    first = client.completions.create(model="q4", prompt="One, two, three, four,", max_tokens=8, temperature=0)
+    again = client.completions.create(model="q4", prompt="One, two, three, four,", max_tokens=8, temperature=0)
+    assert first.choices[0].text.startswith(" five, six") and first.choices[0].text == again.choices[0].text
     assert first.usage.completion_tokens == 8
     chunks = list(client.chat.completions.create(model="q4", messages=[{"role": "user", "content": "Say hello."}],
                                                  max_tokens=16, stream=True))
