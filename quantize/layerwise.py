@@ -27,6 +27,8 @@ from quantize.report import REPORT_TOKENS, LayerReport, kurtosis, report_linear
 from quantize.stats import Stats
 from quantize.folding import Family, Folded, apply_transforms, check_family_modules, family_of
 from quantize.kv_cache import observing, use_observing_attention
+from quantize.moe import MIN_EXPERT_TOKENS, MoEFamily, RoutedExperts, calibrate_sparse_block, is_sparse, moe_family
+from quantize.moe import unfuse_experts
 
 BATCH = 4  # samples per forward: 8 gave the same speed with ~400 MiB more peak RSS (allocator high water)
 AWQ_SAMPLE_TOKENS = 4096
@@ -171,7 +173,8 @@ def _quantize_group(names: tuple[str, ...], targets: dict[str, torch.nn.Linear],
                     stats: Stats, recipe: Recipe, gptq_config: Any, folded: Folded,
                     report: LayerReport) -> dict[str, QuantizedWeight]:
     """Quantizes the targets among ``names`` in place (each weight becomes its dequantized value) and fills
-    their report rows; per-channel or grouped linears that share inputs and args are stacked."""
+    their report rows (where inputs were seen: an MoE expert may have none); per-channel or grouped linears
+    that share inputs and args are stacked."""
     runs: dict[Any, list[str]] = {}
     for name in (n for n in names if n in targets):
         stackable = args[name].strategy in ("channel", "group")
@@ -181,7 +184,8 @@ def _quantize_group(names: tuple[str, ...], targets: dict[str, torch.nn.Linear],
         for name, qw in _quantize_rows(run, targets, args[run[0]], stats, recipe, gptq_config).items():
             linear = targets[name]
             new_weight = qw.dequantize()
-            report_linear(name, linear.weight.detach().float(), new_weight, stats, folded, report)
+            if name in stats.samples:
+                report_linear(name, linear.weight.detach().float(), new_weight, stats, folded, report)
             if qw.dampening is not None:
                 report.dampening[name] = qw.dampening
             linear.weight.data = new_weight.to(linear.weight.dtype)
@@ -208,6 +212,8 @@ class _Plan:
     smooth_linears: bool
     device: torch.device
     family: Optional[Family]  # where the transforms fold; None when the recipe has none
+    moe: Optional[MoEFamily] = None  # the sparse blocks' names (Mixture-of-Experts models)
+    min_expert_tokens: int = MIN_EXPERT_TOKENS  # an expert routed fewer calibration tokens is rounded to nearest
 
 
 class _LayerJob:
@@ -218,13 +224,23 @@ class _LayerJob:
         self.plan, self.shell, self.prefix = plan, shell, f"model.layers.{index}."
         self.report, self.quantized = LayerReport(index), {}
         self.layer = shell.layers[index]
+        self.sparse = plan.moe is not None and is_sparse(self.layer, plan.moe)
+        if self.sparse and not isinstance(getattr(self.layer, plan.moe.block).experts, RoutedExperts):
+            unfuse_experts(self.layer, plan.moe)  # one nn.Linear per expert projection, named as stored
         self.layer.to_empty(device=plan.device)
         self.dtypes = {name: tensor.dtype for name, tensor in state.items()}
-        self.layer.load_state_dict({k[len(self.prefix):]: v for k, v in state.items()})
-        self.targets = {n: m for n, m in _linears(self.layer).items() if plan.is_target(self.prefix + n)}
-        self.args = {n: plan.scheme.weights_for(self.prefix + n) for n in self.targets}
+        self.layer.load_state_dict({self._module_name(k[len(self.prefix):]): v for k, v in state.items()})
+        self.targets = {n: m for n, m in _linears(self.layer).items() if plan.is_target(self._stored(n))}
+        self.args = {n: plan.scheme.weights_for(self._stored(n)) for n in self.targets}
         self.folded, self.stats = Folded(), None
         self.kv_scales: dict[str, torch.Tensor] = {}
+
+    def _stored(self, name: str) -> str:
+        """A layer-relative module name as the checkpoint spells it, with the layer's prefix."""
+        return self.prefix + (self.plan.moe.stored_name(name) if self.plan.moe else name)
+
+    def _module_name(self, name: str) -> str:
+        return self.plan.moe.module_name(name) if self.plan.moe else name
 
     def transform(self) -> None:
         """SmoothQuant/AWQ, on statistics of the float layer's inputs (kurtosis before them in the report)."""
@@ -240,19 +256,29 @@ class _LayerJob:
                                        plan.smooth_linears, plan.scheme.input_activations,
                                        self.report.smoothquant_alpha.__setitem__)
 
-    def quantize_group(self, names: tuple[str, ...]) -> None:
-        """Quantizes the targets among ``names`` from the statistics recorded so far."""
+    def quantize_group(self, names: tuple[str, ...], stats: Optional[Stats] = None, rtn: bool = False) -> None:
+        """Quantizes the targets among ``names`` from the statistics recorded so far (or ``stats``), by the
+        recipe's quantizer or, with ``rtn``, round to nearest."""
+        stats = stats or self.stats
+        recipe = replace(self.plan.recipe, quantizer="rtn") if rtn else self.plan.recipe
         try:
-            group = _quantize_group(names, self.targets, self.args, self.stats, self.plan.recipe,
-                                    self.plan.gptq_config, self.folded, self.report)
+            group = _quantize_group(names, self.targets, self.args, stats, recipe, self.plan.gptq_config,
+                                    self.folded, self.report)
         except torch.linalg.LinAlgError as exc:
             raise MethodError(f"GPTQ cannot use the calibration Hessian of {self.prefix}{'/'.join(names)} ({exc}); "
                               f"try more or longer calibration samples (--num-samples, --calib-seq-len), a "
                               f"larger --dampening (e.g. 0.1), or --method rtn") from None
         scheme = self.plan.scheme
         for name, qw in group.items():
-            scale = _input_scale(self.stats, name, scheme.input_activations) if scheme.static_activations else None
-            self.quantized[self.prefix + name] = qw.to_cpu(input_scale=scale)
+            scale = _input_scale(stats, name, scheme.input_activations) if scheme.static_activations else None
+            self.quantized[self._stored(name)] = qw.to_cpu(input_scale=scale)
+
+    def quantize_experts(self, inputs: list[torch.Tensor]) -> None:
+        """The sparse block's experts, one at a time on the tokens routed to each (``quantize.moe``)."""
+        moe = self.plan.moe
+        result = calibrate_sparse_block(getattr(self.layer, moe.block), moe.block, inputs, self.quantize_group, moe,
+                                        self.plan.min_expert_tokens)
+        self.report.expert_tokens, self.report.expert_fallback = result.tokens, result.fallback
 
     def quantize(self, propagate: bool) -> None:
         """Llama-style layers stage by stage in one pass; others record everything, quantize, then run again.
@@ -263,7 +289,8 @@ class _LayerJob:
         if staged(self.plan.config, self.layer):
             self.stats.share(GROUPS)
             with observe as kv:
-                calibrate_staged(self.layer, self.shell, self.stats.record, self.quantize_group, propagate)
+                calibrate_staged(self.layer, self.shell, self.stats.record, self.quantize_group, propagate,
+                                 self.quantize_experts if self.sparse else None)
         else:
             _collect(self.layer, self.shell, self.stats)
             self.quantize_group(tuple(self.targets))
@@ -276,9 +303,9 @@ class _LayerJob:
 
     def release(self) -> dict[str, torch.Tensor]:
         """The layer's float tensors (transformed, in their checkpoint dtypes); its memory goes back."""
-        floats = {self.prefix + k: v.detach().to("cpu", self.dtypes[self.prefix + k])
+        floats = {self._stored(k): v.detach().to("cpu", self.dtypes[self._stored(k)])
                   for k, v in self.layer.state_dict().items()
-                  if self.prefix + k in self.dtypes and k.removesuffix(".weight") not in self.targets}
+                  if self._stored(k) in self.dtypes and k.removesuffix(".weight") not in self.targets}
         floats.update({self.prefix + k: v for k, v in self.kv_scales.items()})
         self.layer.to("meta")
         release_freed_memory()
@@ -288,13 +315,13 @@ class _LayerJob:
 def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str, torch.Tensor]], config: Any,
                       samples: torch.Tensor, scheme: Scheme, recipe: Recipe, is_target: Callable[[str], bool],
                       alpha: Optional[float] = 0.5, gptq_config: Any = None, device: str | torch.device = "cpu",
-                      smooth_linears: bool = False,
+                      smooth_linears: bool = False, min_expert_tokens: int = MIN_EXPERT_TOKENS,
                       ) -> Iterator[tuple[int, dict[str, torch.Tensor], dict[str, QuantizedWeight], LayerReport]]:
     """Yields, per decoder layer, its float tensors (transformed), its quantized linears (on the CPU, with
     ``input_scale`` set for static activation schemes) and a report."""
     # an architecture the transforms cannot fold into fails here, before any work
     plan = _Plan(config, scheme, recipe, is_target, alpha, gptq_config, smooth_linears, torch.device(device),
-                 family_of(config, recipe))
+                 family_of(config, recipe), moe_family(config), min_expert_tokens)
     shell = _catch_inputs(embed, config, samples, plan.device, observe_kv=scheme.kv_cache is not None)
     del embed  # the caller may drop its reference too: nothing here needs the embedding again
     release_freed_memory()

@@ -27,6 +27,7 @@ from core.shards import ShardWriter
 from quantize.calibration import CalibrationSpec, load_calibration
 from quantize.gptq import GPTQConfig
 from quantize.methods import MethodError, Recipe, parse_recipe, quantize_weight
+from quantize.moe import MIN_EXPERT_TOKENS
 from quantize.report import write_layer_report
 from quantize.grouping import auto_group_sizes, check_fused_consistent, check_group_fit
 from core.schemes import Scheme, matches
@@ -133,7 +134,7 @@ def _write_calibrated(model_dir: Path, files: list[Path], targets: dict[str, str
     layers = calibrated_layers(embed, load, config, samples, scheme, recipe,
                                is_target=lambda name: f"{name}.weight" in targets, alpha=options.smoothquant_alpha,
                                gptq_config=options.gptq, device=options.device,
-                               smooth_linears=options.smooth_linears)
+                               smooth_linears=options.smooth_linears, min_expert_tokens=options.min_expert_tokens)
     del embed  # the generator drops its own reference once the calibration inputs exist
     for index, floats, quantized, report in progress_bar(layers, total=config.num_hidden_layers, disable=not progress,
                                                  desc=f"quantize {scheme.name}/{recipe.name}", unit="layer"):
@@ -142,7 +143,43 @@ def _write_calibrated(model_dir: Path, files: list[Path], targets: dict[str, str
             writer.add(compressed_tensors.layer_tensors(name, qw, scheme, dtype))
         reports.append(asdict(report))
     _log_raised_dampening(reports, options.gptq.dampening, log)
+    _log_expert_fallback(reports, options.min_expert_tokens, log)
     return reports
+
+
+def _moe_scheme(model: torch.nn.Module, scheme: Scheme, log: Callable[[str], None]) -> tuple[Scheme, list[str]]:
+    """For a Mixture-of-Experts model: the scheme with the router (and shared-expert gate) kept in the
+    checkpoint's precision, and every routed expert projection by its checkpoint name; refuses what the
+    expert-by-expert calibration cannot do, before any work."""
+    from dataclasses import replace
+
+    from quantize.moe import MoEError, expert_linears, moe_family
+
+    family = moe_family(model.config)
+    if family is None:
+        return scheme, []
+    if scheme.static_activations:
+        raise MoEError(f"--scheme {scheme.name} takes static activation scales, which every expert would need from "
+                       f"its own calibration tokens; use dynamic activations (w8a8) or a weight-only scheme on "
+                       f"{model.config.model_type}")
+    experts = expert_linears(model)
+    kept = tuple(p for p in family.keep_float if p not in scheme.ignore)
+    if scheme.quantizes_weights:
+        log(f"{model.config.model_type}: {len(experts)} routed expert linears; the router stays at the checkpoint's "
+            f"precision ({', '.join(family.keep_float)})")
+    return replace(scheme, ignore=scheme.ignore + kept), experts
+
+
+def _log_expert_fallback(reports: list[dict], min_tokens: int, log: Callable[[str], None], shown: int = 8) -> None:
+    """Says which MoE experts got too few calibration tokens for GPTQ and were rounded to nearest."""
+    fell = [(r["index"], e, r["expert_tokens"][e]) for r in reports for e in r["expert_fallback"]]
+    total = sum(len(r["expert_tokens"]) for r in reports)
+    if total:
+        listed = ", ".join(f"layer {i} expert {e} ({n} tokens)" for i, e, n in fell[:shown])
+        more = f" and {len(fell) - shown} more" if len(fell) > shown else ""
+        log(f"MoE calibration: {total - len(fell)} of {total} experts calibrated on their routed tokens"
+            + (f"; rounded to nearest (fewer than {min_tokens} tokens): {listed}{more}" if fell else "")
+            + " (per expert: quantization_report.json)")
 
 
 def _log_raised_dampening(reports: list[dict], asked: float, log: Callable[[str], None], shown: int = 6) -> None:
@@ -210,6 +247,7 @@ class QuantizeOptions:
     rotate: Optional[str] = None  # a rotation of quantize.rotation.ROTATIONS fused into the weights first
     rotate_seed: int = 0
     rotate_steps: int = 40  # optimiser steps of a learned rotation (one calibration sample each)
+    min_expert_tokens: int = MIN_EXPERT_TOKENS  # MoE: an expert routed fewer calibration tokens is rounded to nearest
 
 
 def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: Path, force: bool = False,
@@ -222,6 +260,8 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
     shapes = _tensor_shapes(files)
     model = meta_model(model_dir)
     linear = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
+    scheme, experts = _moe_scheme(model, scheme, log)
+    linear += experts
     if not scheme.quantizes_weights and (scheme.kv_cache is None or scheme.overrides or options.rotate):
         raise MethodError(f"--scheme {scheme.name} quantizes no weights: it takes --kv-cache fp8, and no overrides "
                           f"or rotation; choose a weight scheme for those")

@@ -26,6 +26,8 @@ class LayerReport:
     weight_kurtosis_before: dict[str, float] = field(default_factory=dict)  # before transforms
     input_kurtosis_before: dict[str, float] = field(default_factory=dict)
     smoothquant_alpha: dict[str, float] = field(default_factory=dict)  # per mapping, by its first balance linear
+    expert_tokens: list[int] = field(default_factory=list)  # MoE: calibration tokens routed to each expert
+    expert_fallback: list[int] = field(default_factory=list)  # MoE: experts rounded to nearest (too few tokens)
 
 
 def kurtosis(t: torch.Tensor) -> float:

@@ -9,11 +9,12 @@ two-pass path in ``quantize.layerwise``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
 from quantize.capture import input_of
+from quantize.moe import MOE_FAMILIES, is_sparse
 
 GROUPS: tuple[tuple[str, ...], ...] = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -21,9 +22,10 @@ GROUPS: tuple[tuple[str, ...], ...] = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
-# decoder layers whose forward is exactly: x + attn(norm1(x)), then h + mlp(norm2(h)); Gemma's extra norms
-# or Phi's parallel blocks would be computed wrongly by the staged passes, so they are not listed
-STAGED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# decoder layers whose forward is exactly: x + attn(norm1(x)), then h + mlp(norm2(h)) (mlp: dense, or a sparse
+# block of quantize.moe); Gemma's extra norms or Phi's parallel blocks would be computed wrongly by the staged
+# passes, so they are not listed
+STAGED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", *MOE_FAMILIES})
 # down_proj's inputs are kept for the propagation pass up to this size (the demo model's 128 x 512 calibration
 # tokens take 192 MiB in bf16), which saves running gate/up twice: ~1/3 of the layer's matmuls
 KEEP_MLP_INPUT_BYTES = 512 << 20
@@ -31,8 +33,11 @@ KEEP_MLP_INPUT_BYTES = 512 << 20
 
 def staged(config: Any, layer: torch.nn.Module) -> bool:
     """Whether ``layer`` can be calibrated stage by stage: a known architecture with every grouped linear."""
+    model_type = getattr(config, "model_type", None)
     names = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    return getattr(config, "model_type", None) in STAGED_MODEL_TYPES and names == {n for g in GROUPS for n in g}
+    if model_type in MOE_FAMILIES and is_sparse(layer, MOE_FAMILIES[model_type]):
+        return {n for g in GROUPS[:2] for n in g} <= names
+    return model_type in STAGED_MODEL_TYPES and names == {n for g in GROUPS for n in g}
 
 
 def _mlp_input_kept(shell: Any, mlp: torch.nn.Module, dtype: torch.dtype) -> bool:
@@ -43,11 +48,13 @@ def _mlp_input_kept(shell: Any, mlp: torch.nn.Module, dtype: torch.dtype) -> boo
 
 @torch.no_grad()
 def calibrate_staged(layer: torch.nn.Module, shell: Any, record: Callable[[str, torch.Tensor], None],
-                     quantize_group: Callable[[tuple[str, ...]], None], propagate: bool) -> None:
+                     quantize_group: Callable[[tuple[str, ...]], None], propagate: bool,
+                     sparse: Optional[Callable[[list[torch.Tensor]], None]] = None) -> None:
     """Records each group's inputs with ``record(name, x)`` over every stored batch, then calls
     ``quantize_group``; replaces ``shell.inputs`` by the quantized layer's outputs when ``propagate``.
     Each group's input is computed once and kept (in the compute dtype) until the next group needs it;
-    down_proj's input too, within ``KEEP_MLP_INPUT_BYTES``, else gate/up run again to propagate."""
+    down_proj's input too, within ``KEEP_MLP_INPUT_BYTES``, else gate/up run again to propagate. A sparse
+    (MoE) block is quantized by ``sparse(inputs per batch)`` instead of the gate/up and down groups."""
     attn, mlp, dtype, store = layer.self_attn, layer.mlp, shell.dtype, shell.store_dtype
 
     def feed(group: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +69,17 @@ def calibrate_staged(layer: torch.nn.Module, shell: Any, record: Callable[[str, 
     quantize_group(GROUPS[1])
     for i, (hidden, kwargs) in enumerate(shell.inputs):
         residual = hidden.to(dtype) + attn.o_proj(kept[i])
-        kept[i] = feed(GROUPS[2], layer.post_attention_layernorm(residual))
+        kept[i] = layer.post_attention_layernorm(residual)
         shell.inputs[i] = (residual.to(store), kwargs)
+    if sparse is not None:
+        sparse(kept)
+        if propagate:
+            for i, (hidden, kwargs) in enumerate(shell.inputs):
+                out, kept[i] = mlp(kept[i]), None
+                shell.inputs[i] = ((hidden.to(dtype) + (out[0] if isinstance(out, tuple) else out)).to(store), kwargs)
+        return
+    for x in kept:
+        feed(GROUPS[2], x)
     quantize_group(GROUPS[2])
     keep_mlp_input = propagate and _mlp_input_kept(shell, mlp, dtype)
     for i, normed in enumerate(kept):

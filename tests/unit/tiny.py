@@ -52,3 +52,28 @@ def make_tiny_sliding_window_model():
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.set_attn_implementation("sdpa")
     return model, torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+# Tiny Mixture-of-Experts models from the real configurations' shapes, scaled down (no hub): every field that
+# picks a code path (top-k, shared experts, norm_topk_prob, q/k norms) as the released models set it.
+MOE_CONFIGS = {
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=96,
+                      head_dim=16, norm_topk_prob=True),  # Qwen3-30B-A3B: 128 experts, top-8
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),  # Mixtral-8x7B: top-2
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=96,
+                      shared_expert_intermediate_size=64),  # Qwen1.5-MoE-A2.7B: 60 experts, top-4, shared
+}
+
+
+def make_tiny_moe(path, model_type: str, layers: int = 2, dtype=torch.bfloat16, **fields):
+    """A random ``model_type`` MoE checkpoint (hidden 64, 8 experts, top-2) with a small BPE tokenizer, saved
+    with the per-expert tensor names the released checkpoints use."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False,
+                                  **{**MOE_CONFIGS[model_type], **fields})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(path)
+    _add_tokenizer(path)
+    return path
