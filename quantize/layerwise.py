@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -22,7 +22,7 @@ from core.quantized import QuantizedWeight
 from quantize.methods import MethodError, Recipe, quantize_weight
 from core.schemes import QuantArgs, Scheme
 from quantize.sequential import GROUPS, calibrate_staged, staged
-from quantize.capture import StopForward, stop_at
+from quantize.capture import StopForward
 from quantize.report import REPORT_TOKENS, LayerReport, kurtosis, report_linear
 from quantize.stats import Stats
 from quantize.folding import Family, Folded, apply_transforms, check_family_modules, family_of
@@ -110,19 +110,41 @@ def compute_dtype(device: torch.device, checkpoint_dtype: torch.dtype) -> torch.
 @dataclass
 class _Layers:
     """The meta-device model shell, the calibration hidden states (stored in the checkpoint dtype) and
-    the keyword arguments its layers take."""
+    the keyword arguments its layers take: per kind of layer (``config.layer_types``: Gemma 2/3 alternate
+    sliding-window and full attention, with their own masks and, in Gemma 3, their own RoPE tables), per batch."""
 
     layers: torch.nn.ModuleList
     inputs: list[tuple[torch.Tensor, dict]]
     dtype: torch.dtype
     store_dtype: torch.dtype
     device: torch.device
+    kinds: list[str] = field(default_factory=list)  # each layer's kind
+    kwargs: dict[str, list[dict]] = field(default_factory=dict)  # kind -> each batch's keyword arguments
+
+    def enter(self, index: int) -> None:
+        """Gives the stored batches the keyword arguments layer ``index`` receives in the model."""
+        kwargs = self.kwargs[self.kinds[index]]
+        self.inputs = [(hidden, kwargs[b]) for b, (hidden, _) in enumerate(self.inputs)]
+
+
+class _Catcher(torch.nn.Module):
+    """Stands in for a decoder layer while the embeddings run: hands its call to ``on_call`` and its input on."""
+
+    def __init__(self, index: int, on_call: Callable[[int, torch.Tensor, dict], None]) -> None:
+        super().__init__()
+        self.index, self.on_call = index, on_call
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.on_call(self.index, hidden, kwargs)
+        return hidden
 
 
 @torch.no_grad()
 def _catch_inputs(embed: torch.Tensor, config: Any, samples: torch.Tensor, device: torch.device,
                   observe_kv: bool = False) -> _Layers:
-    """Runs the embeddings over the samples; a catcher in place of layer 0 records what layer 0 receives."""
+    """Runs the embeddings over the samples; catchers in place of the first layer of each kind record what
+    those layers receive (layer 0 its hidden states too), then the forward stops."""
     from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype(device, embed.dtype)
@@ -131,20 +153,36 @@ def _catch_inputs(embed: torch.Tensor, config: Any, samples: torch.Tensor, devic
     model.requires_grad_(False)
     base = model.model
     base.embed_tokens.to_empty(device=device)
+    # to_empty leaves buffers built in __init__ uninitialised: Gemma's embedding scale (sqrt(hidden)) among them;
+    # the model's own initialiser sets them (and a random weight, replaced at once)
+    model._init_weights(base.embed_tokens)
     base.embed_tokens.weight.copy_(embed)
     with torch.device(device):  # rotary tables are buffers built in __init__
         base.rotary_emb = type(base.rotary_emb)(config=config)
-    shell = _Layers(base.layers, [], dtype, embed.dtype, device)
+    layers, count = list(base.layers), len(base.layers)
+    kinds = list(getattr(config, "layer_types", None) or ["decoder"] * count)[:count]
+    first = {kind: kinds.index(kind) for kind in kinds}
+    shell = _Layers(base.layers, [], dtype, embed.dtype, device, kinds, {kind: [] for kind in first})
     if observe_kv:
         use_observing_attention(model)
 
-    def record(args: tuple, kwargs: dict) -> None:  # what layer 0 receives; its (meta) weights never run
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        shell.inputs.append((hidden.to(shell.store_dtype), {k: v for k, v in kwargs.items() if k != "past_key_values"}))
+    def record(index: int, hidden: torch.Tensor, kwargs: dict) -> None:  # the real layers never run here
+        if index == 0:
+            shell.inputs.append((hidden.to(shell.store_dtype), {}))
+        if first[kinds[index]] == index:
+            shell.kwargs[kinds[index]].append({k: v for k, v in kwargs.items() if k != "past_key_values"})
+        if index == max(first.values()):
+            raise StopForward
 
-    for batch in samples.split(BATCH):
-        with stop_at(base.layers[0], record):
-            base(input_ids=batch.to(device), use_cache=False)
+    for i in range(max(first.values()) + 1):
+        base.layers[i] = _Catcher(i, record)
+    try:
+        for batch in samples.split(BATCH):
+            with contextlib.suppress(StopForward):
+                base(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for i, layer in enumerate(layers):
+            base.layers[i] = layer
     del base.embed_tokens
     return shell
 
@@ -224,6 +262,7 @@ class _LayerJob:
         self.plan, self.shell, self.prefix = plan, shell, f"model.layers.{index}."
         self.report, self.quantized = LayerReport(index), {}
         self.layer = shell.layers[index]
+        shell.enter(index)
         self.sparse = plan.moe is not None and is_sparse(self.layer, plan.moe)
         if self.sparse and not isinstance(getattr(self.layer, plan.moe.block).experts, RoutedExperts):
             unfuse_experts(self.layer, plan.moe)  # one nn.Linear per expert projection, named as stored
