@@ -44,9 +44,13 @@ _MLP_FROM = lambda norm: (Mapping(norm, ("mlp.gate_proj", "mlp.up_proj")),  # no
 LLAMA = Family("llama", 0.0, _ATTENTION + _MLP_FROM("post_attention_layernorm"))
 GEMMA = Family("gemma", 1.0, _ATTENTION + _MLP_FROM("post_attention_layernorm"))
 GEMMA2 = Family("gemma2", 1.0, _ATTENTION + _MLP_FROM("pre_feedforward_layernorm"))
+# Phi-3 fuses q/k/v and gate/up into one linear each: the norms fold into the fused linears; v -> o and up ->
+# down would scale a slice of a fused linear's rows, which llm-compressor's Phi-3 mappings skip too
+PHI3 = Family("phi3", 0.0, (Mapping("input_layernorm", ("self_attn.qkv_proj",)),
+                            Mapping("post_attention_layernorm", ("mlp.gate_up_proj",))))
 FAMILIES: dict[str, Family] = {
     "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA,
-    "gemma": GEMMA, "gemma2": GEMMA2, "gemma3_text": GEMMA2,
+    "gemma": GEMMA, "gemma2": GEMMA2, "gemma3_text": GEMMA2, "phi3": PHI3,
 }
 
 

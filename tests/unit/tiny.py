@@ -65,15 +65,29 @@ MOE_CONFIGS = {
 }
 
 
-def make_tiny_moe(path, model_type: str, layers: int = 2, dtype=torch.bfloat16, **fields):
-    """A random ``model_type`` MoE checkpoint (hidden 64, 8 experts, top-2) with a small BPE tokenizer, saved
-    with the per-expert tensor names the released checkpoints use."""
+FAMILY_CONFIGS = {  # what the released models set where it picks a code path
+    "qwen3": {}, "phi3": {}, "mistral": dict(sliding_window=16),
+    "gemma2": dict(query_pre_attn_scalar=16, sliding_window=16, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0, tie_word_embeddings=True),
+    "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window=16, tie_word_embeddings=True),
+    **MOE_CONFIGS,
+}
+
+
+def make_tiny_family(path, model_type: str, layers: int = 2, dtype=torch.bfloat16, **fields):
+    """A random ``model_type`` checkpoint (hidden 64, head size 16) with a small BPE tokenizer, saved as
+    transformers saves the released checkpoints (MoE experts as per-expert tensors)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                                  num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False,
-                                  **{**MOE_CONFIGS[model_type], **fields})
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=300, tie_word_embeddings=False, pad_token_id=0)
+    config = AutoConfig.for_model(model_type, **{**base, **FAMILY_CONFIGS[model_type], **fields})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(path)
     _add_tokenizer(path)
     return path
+
+
+def make_tiny_moe(path, model_type: str, layers: int = 2, dtype=torch.bfloat16, **fields):
+    """A random ``model_type`` MoE checkpoint (hidden 64, 8 experts, top-2): ``make_tiny_family``."""
+    return make_tiny_family(path, model_type, layers, dtype, **fields)
