@@ -18,7 +18,7 @@ from quantize.pipeline import QuantizeOptions, meta_model, quantize_checkpoint
 from tests.unit.test_stored_numerics import _library_weights
 from tests.unit.tiny import FAMILY_CONFIGS, make_tiny_family
 
-TYPES = ["qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe"]
+TYPES = ["qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe", "olmo2", "granite"]
 CASES = [(t, m) for t in TYPES for m in ("rtn", "gptq")] + [(t, "awq+gptq") for t in TYPES if t in FAMILIES]
 
 

