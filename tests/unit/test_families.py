@@ -48,3 +48,20 @@ def test_family_quantizes_every_linear_and_the_library_decodes_it(tiny_models, t
 
 def test_the_family_table_covers_the_families_tested():
     assert set(TYPES) <= set(FAMILY_CONFIGS)
+
+
+def test_a_model_without_replayable_layers_is_refused_for_calibration_before_any_work(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantize.methods import MethodError
+
+    config = AutoConfig.for_model("gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, vocab_size=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "neox")  # layers at gpt_neox.layers
+    with pytest.raises(MethodError, match=r"model\.layers\.N.*--method rtn"):
+        quantize_checkpoint(tmp_path / "neox", get_scheme("w4a16", 16), "gptq", tmp_path / "q", progress=False,
+                            log=lambda _: None)
+    assert not (tmp_path / "q").exists()
+    quantize_checkpoint(tmp_path / "neox", get_scheme("w4a16", 16), "rtn", tmp_path / "q", progress=False,
+                        log=lambda _: None)
+    assert len(_library_weights(tmp_path / "q")) == 2 * 4  # RTN streams any architecture's linears
