@@ -112,7 +112,12 @@ def parity(checkpoint: Path, gguf: Path, tokenizer: Path, args, tmp: Path) -> No
             llama.stop()
     finally:
         vllm.stop()
-    print(f"\nparity ({checkpoint.name}): {json.dumps(report['results'], indent=1)}")
+    ours, theirs = report["results"]["wikitext"], report["baseline_results"]["wikitext"]
+    agreement = report["agreement"]
+    print(f"\nparity ({checkpoint.name}): perplexity llama.cpp {ours['token_perplexity']:.3f}, vLLM "
+          f"{theirs['token_perplexity']:.3f} ({ours['token_perplexity'] / theirs['token_perplexity'] - 1:+.2%}); "
+          f"top-1 agreement {agreement['top1_agreement']:.2%}, mean KL {agreement['mean_kl']:.4f} over "
+          f"{agreement['positions']} positions")
 
 
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:

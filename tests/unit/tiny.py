@@ -77,17 +77,26 @@ FAMILY_CONFIGS = {  # what the released models set where it picks a code path
 }
 
 
-def make_tiny_family(path, model_type: str, layers: int = 2, dtype=torch.bfloat16, **fields):
-    """A random ``model_type`` checkpoint (hidden 64, head size 16) with a small BPE tokenizer, saved as
-    transformers saves the released checkpoints (MoE experts as per-expert tensors)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def make_tiny_family(path, model_type: str, layers: int = 2, dtype=torch.bfloat16, tokenizer_from=None, **fields):
+    """A random ``model_type`` checkpoint (hidden 64, head size 16) with a small BPE tokenizer (or the tokenizer
+    of the model directory ``tokenizer_from``, its vocabulary size with it), saved as transformers saves the
+    released checkpoints (MoE experts as per-expert tensors)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, vocab_size=300, tie_word_embeddings=False, pad_token_id=0)
+    if tokenizer_from is not None:
+        base["vocab_size"] = len(AutoTokenizer.from_pretrained(tokenizer_from))
     config = AutoConfig.for_model(model_type, **{**base, **FAMILY_CONFIGS[model_type], **fields})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(path)
-    _add_tokenizer(path)
+    if tokenizer_from is None:
+        _add_tokenizer(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if tokenizer_from is not None and (tokenizer_from / name).exists():
+            shutil.copy(tokenizer_from / name, path / name)
     return path
 
 

@@ -1,0 +1,75 @@
+"""Bench matrices: defaults, anchors and list expansion make the cells written; a matrix that cannot run fails
+before any work, naming the cell and the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from workflows.bench_matrix import MatrixError, load_matrix, parse_matrix
+
+MATRIX = """
+model: smollm2-135m
+baseline: bf16
+defaults: &calibrated
+  calibration: {num_samples: 32}
+eval: {windows: 4}
+cells:
+  - {name: bf16, scheme: float}
+  - name: "{scheme}-{method}"
+    scheme: [w4a16, w8a8]
+    method: [rtn, gptq, awq]
+  - <<: *calibrated
+    name: down8-{method}
+    scheme: w4a16
+    method: gptq
+    overrides: ["re:.*down_proj$=w8a16"]
+  - {name: q4_0, scheme: gguf-q4_0, method: awq+gptq, target: llamacpp}
+"""
+
+
+def test_lists_expand_into_the_product_in_the_order_written(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(MATRIX)
+    matrix = load_matrix(path)
+    names = [c.name for c in matrix.cells]
+    assert names[:7] == ["bf16", "w4a16-rtn", "w4a16-gptq", "w4a16-awq", "w8a8-rtn", "w8a8-gptq", "w8a8-awq"]
+    assert len(matrix.cells) == 1 + 6 + 1 + 1
+    assert matrix.cell("down8-gptq").overrides == ("re:.*down_proj$=w8a16",)  # one list: one set, not two cells
+    assert matrix.baseline == "bf16" and matrix.eval.windows == 4
+    assert all(c.calibration.num_samples == 32 for c in matrix.cells)  # defaults reach every cell
+    assert matrix.cell("q4_0").target == "llamacpp" and not matrix.cell("bf16").quantized
+
+
+def test_the_same_name_twice_is_refused(tmp_path):
+    raw = {"model": "m", "cells": [{"name": "down8-{method}", "scheme": "w4a16", "method": "gptq",
+                                    "overrides": [["re:.*down_proj$=w8a16"], []]}]}
+    with pytest.raises(MatrixError, match=r"cell 2: name 'down8-gptq' is also cell 1's"):
+        parse_matrix(raw)
+
+
+@pytest.mark.parametrize("cell, message", [
+    ({"scheme": "w4a16", "methd": "gptq"}, r"cell 1: unknown field 'methd'"),
+    ({"scheme": "w5a16"}, r"cell 1 \(x\): scheme: unknown scheme 'w5a16'"),
+    ({"scheme": "w4a16", "method": "gptq+awq"}, r"cell 1 \(x\): method:"),
+    ({"scheme": "w4a16", "target": "tgi"}, r"target 'tgi' is not one of vllm"),
+    ({"scheme": "w4a16", "target": "llamacpp"}, r"target llamacpp takes a GGUF block scheme"),
+    ({"scheme": "w4a16", "calibration": {"samples": 3}}, r"calibration: unknown field 'samples'"),
+    ({"scheme": "w4a16", "overrides": ["down_proj"]}, r"overrides:"),
+])
+def test_bad_cells_are_refused_naming_cell_and_field(cell, message):
+    with pytest.raises(MatrixError, match=message):
+        parse_matrix({"model": "m", "cells": [{"name": "x", **cell} if "methd" not in cell else cell]})
+
+
+def test_bad_matrices_are_refused(tmp_path):
+    with pytest.raises(MatrixError, match="baseline 'fp16' is not a cell"):
+        parse_matrix({"model": "m", "baseline": "fp16", "cells": [{"name": "bf16"}]})
+    with pytest.raises(MatrixError, match="unknown field 'cell'"):
+        parse_matrix({"model": "m", "cell": []})
+    with pytest.raises(MatrixError, match="needs a model and at least one cell"):
+        parse_matrix({"model": "m", "cells": []})
+    with pytest.raises(MatrixError, match="name '{size}' refers to 'size'"):
+        parse_matrix({"model": "m", "cells": [{"name": "{size}"}]})
+    (tmp_path / "bad.yaml").write_text("cells: [")
+    with pytest.raises(MatrixError, match="not valid YAML"):
+        load_matrix(tmp_path / "bad.yaml")
