@@ -23,6 +23,11 @@ from quantize.report import REPORT_TOKENS
 from quantize.stats import Stats
 
 MIN_EXPERT_TOKENS = 128  # below this many routed calibration tokens an expert's Hessian is too thin for GPTQ
+# Experts see token counts of every size; each new matmul shape costs oneDNN a cached primitive, and a layer's
+# worth of them grew memory by ~67 MiB per layer (benchmarks/moe_memory.py). Calibration works on an expert's
+# tokens in chunks of CHUNK_ROWS rows, and routed forwards pad to a multiple of PAD_ROWS, so shapes stay few.
+CHUNK_ROWS = 256
+PAD_ROWS = 64
 # quantizes layer-relative linears from these statistics; True: round to nearest (an expert short of tokens)
 Quantize = Callable[[tuple[str, ...], Stats, bool], None]
 
@@ -119,9 +124,15 @@ class RoutedExperts(nn.ModuleList):
         for e, expert in enumerate(self):
             token, slot = torch.where(top_k_index == e)
             if len(token):
-                y = expert(hidden_states[token]) * top_k_weights[token, slot, None]
+                y = expert(_pad_rows(hidden_states[token], PAD_ROWS))[:len(token)] * top_k_weights[token, slot, None]
                 out.index_add_(0, token, y.to(out.dtype))
         return out
+
+
+def _pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to a multiple of ``multiple`` rows."""
+    missing = -len(x) % multiple
+    return torch.nn.functional.pad(x, (0, 0, 0, missing)) if missing else x
 
 
 def unfuse_experts(layer: nn.Module, family: MoEFamily) -> None:
@@ -186,20 +197,22 @@ def calibrate_sparse_block(block: nn.Module, prefix: str, inputs: list[torch.Ten
 def _calibrate_expert(expert: nn.Module, prefix: str, flat: list[torch.Tensor], rows: list[torch.Tensor],
                       quantize: Quantize, fallback: bool) -> None:
     """GPTQ's order inside one expert: gate/up on its tokens, then down on what the quantized gate/up make
-    (with ``fallback``, round to nearest; the tokens it has still feed the report)."""
+    (with ``fallback``, round to nearest; the tokens it has still feed the report). The tokens are gathered
+    and taken ``CHUNK_ROWS`` at a time, the last chunk zero-padded (zeros add nothing to a Hessian, and the
+    activation of a zero row is zero)."""
     gate, up, down = (f"{prefix}.{n}" for n in _projection_names(expert))
-    count = sum(len(r) for r in rows)
-    stats = Stats(hessian=not fallback, absmax=False, sample_tokens=max(1, min(REPORT_TOKENS, count)),
-                  total_tokens=max(1, count))
+    tokens = torch.cat([x[r] for x, r in zip(flat, rows)]) if rows else flat[0][:0]
+    stats = Stats(hessian=not fallback, absmax=False, sample_tokens=max(1, min(REPORT_TOKENS, len(tokens))),
+                  total_tokens=max(1, len(tokens)))
     stats.share(((gate, up), (down,)))
-    for x, r in zip(flat, rows):
-        if len(r):
-            stats.record(gate, x[r])
-            stats.record(up, x[r])
+    chunks = [(_pad_rows(tokens[i:i + CHUNK_ROWS], CHUNK_ROWS), min(CHUNK_ROWS, len(tokens) - i))
+              for i in range(0, len(tokens), CHUNK_ROWS)]
+    for chunk, valid in chunks:
+        stats.record(gate, chunk, valid)
+        stats.record(up, chunk, valid)
     quantize((gate, up), stats, fallback)
-    for x, r in zip(flat, rows):
-        if len(r):
-            stats.record(down, _intermediate(expert, x[r]))
+    for chunk, valid in chunks:
+        stats.record(down, _intermediate(expert, chunk), valid)
     quantize((down,), stats, fallback)
 
 

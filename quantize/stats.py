@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -59,13 +59,15 @@ class Stats:
         """Declares linears that read the same tensor (one Hessian each group), instead of detecting it."""
         self._shares.update({name: group[0] for group in groups for name in group})
 
-    def record(self, name: str, raw: torch.Tensor) -> None:
-        """Adds one batch of ``name``'s inputs to its statistics."""
+    def record(self, name: str, raw: torch.Tensor, valid: Optional[int] = None) -> None:
+        """Adds one batch of ``name``'s inputs to its statistics; ``valid``: only the first rows are inputs, the
+        rest zero padding (which adds nothing to the Hessian and is not counted or sampled)."""
         if name not in self.count:
             self.order.append(name)
         # kept in its own dtype: each statistic converts only what it reads (a whole float32 copy per linear
         # per batch was ~3 % of a GPTQ run)
-        x = raw.detach().reshape(-1, raw.shape[-1])
+        padded = raw.detach().reshape(-1, raw.shape[-1])
+        x = padded if valid is None else padded[:valid]
         if self.want_absmax:
             amax = x.abs().amax(dim=0).float()
             if name in self.absmax:  # in place: no small allocation per batch (see _sample)
@@ -73,8 +75,8 @@ class Stats:
             else:
                 self.absmax[name] = amax
         self.count[name] = self.count.get(name, 0) + x.shape[0]
-        if self.want_hessian:
-            self._accumulate_hessian(name, raw, x)
+        if self.want_hessian:  # on the padded rows: a fixed matmul shape, the same sum
+            self._accumulate_hessian(name, raw, padded)
         self._sample(name, x)
 
     def hook(self, name: str) -> Callable:
