@@ -126,3 +126,18 @@ def test_bad_moe_inputs_are_refused_before_any_work(tmp_path):
     with pytest.raises(MethodError, match="llama"):  # the transforms' error names the families they fold into
         _quantize(src, tmp_path / "c", method="awq+gptq")
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_zero_padded_chunks_give_the_statistics_of_the_rows_alone():
+    """Experts are calibrated in fixed-size zero-padded chunks (bounded matmul shapes): the Hessian, count and
+    samples must be those of the real rows; counting the padding would shrink the Hessian by 256/100."""
+    from quantize.moe import _pad_rows
+    from quantize.stats import Stats
+
+    x = torch.randn(100, 16)
+    plain, padded = Stats(True, True, 64, 100), Stats(True, True, 64, 100)
+    plain.record("a", x)
+    padded.record("a", _pad_rows(x, 256), valid=100)
+    assert _pad_rows(x, 256).shape == (256, 16) and padded.count["a"] == 100
+    assert torch.allclose(plain.hessian_of("a"), padded.hessian_of("a"), atol=1e-6)
+    assert torch.equal(plain.samples_of("a"), padded.samples_of("a")) and torch.equal(plain.absmax["a"], padded.absmax["a"])
