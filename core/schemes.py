@@ -269,3 +269,18 @@ def parse_override(text: str, symmetric: Optional[bool] = None) -> Override:
         except re.error as exc:
             raise SchemeError(f"override {text!r}: bad regular expression ({exc})") from None
     return Override((pattern,), weights)
+
+
+def compose_scheme(name: str, group_size: Optional[int] = None, asymmetric: bool = False,
+                   observer: Optional[str] = None, overrides: tuple[str, ...] = (),
+                   kv_cache: Optional[str] = None) -> Scheme:
+    """A preset with the options ``qserve quantize`` (and ``qserve bench``) take on top of it: a group size,
+    asymmetric int weights (an asymmetric preset stays so), an observer (default: the preset's), per-layer
+    overrides (``PATTERN=PRESET[:gN]``) and a KV-cache scheme."""
+    chosen = get_scheme(name, group_size)
+    weights = chosen.weights
+    if weights.type == "int":
+        weights = dataclasses.replace(weights, symmetric=weights.symmetric and not asymmetric)
+    weights = dataclasses.replace(weights, observer=observer or weights.observer)
+    parsed = tuple(parse_override(o, symmetric=False if asymmetric else None) for o in overrides)
+    return dataclasses.replace(chosen, weights=weights, overrides=parsed).with_kv_cache(kv_cache)

@@ -100,14 +100,12 @@ def quantize(ctx: typer.Context,
                                                                "k/v scales, calibrated; served with vLLM's fp8 cache)."),
              force: bool = typer.Option(False, help="Overwrite an existing output directory.")) -> None:
     """Quantize a checkpoint and write it in the compressed-tensors layout vLLM loads."""
-    from dataclasses import replace
-
     from core.models import resolve_model
     from quantize.calibration import CalibrationSpec
     from quantize.gptq import GPTQConfig
     from quantize.methods import parse_alpha, parse_recipe
     from quantize.pipeline import QuantizeOptions, quantize_checkpoint
-    from core.schemes import SchemeError, get_scheme, parse_override
+    from core.schemes import SchemeError, compose_scheme
 
     from workflows.quantize_export import PREFLIGHT, quantize_to_file
 
@@ -118,13 +116,8 @@ def quantize(ctx: typer.Context,
     if group_size is not None and not auto and not group_size.isdigit():
         raise SchemeError(f"--group-size takes a number (e.g. 64) or 'auto', not {group_size!r}")
     # validate names before resolving (and downloading) a model
-    chosen = get_scheme(scheme, int(group_size) if group_size and not auto else None)
-    weights = chosen.weights
-    if weights.type == "int":
-        weights = replace(weights, symmetric=weights.symmetric and not asymmetric)  # an asymmetric preset stays so
-    chosen = replace(chosen, weights=replace(weights, observer=observer or weights.observer),
-                     overrides=tuple(parse_override(o, symmetric=False if asymmetric else None)
-                                     for o in override)).with_kv_cache(kv_cache)
+    chosen = compose_scheme(scheme, int(group_size) if group_size and not auto else None, asymmetric, observer,
+                            tuple(override), kv_cache)
     recipe = parse_recipe(method)
     learned = False
     if rotate is not None:
