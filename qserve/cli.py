@@ -341,6 +341,21 @@ def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="
     run_demo(output, tuple(scheme), port=port, windows=windows, log=typer.echo)
 
 
+@app.command()
+@user_errors
+def bench(matrix: Path = typer.Argument(..., help="A matrix YAML: model, baseline, defaults and cells (lists expand "
+                                                  "into one cell per value)."),
+          output: Path = typer.Option(..., "--output", "-o", help="Run directory: cells/, report.md/.json/.csv."),
+          resume: bool = typer.Option(True, help="Keep the cells an earlier run of this directory finished."),
+          cache_dir: Optional[Path] = typer.Option(None, help="Where quantized cells are cached (default: "
+                                                              "$QSERVE_CACHE/bench).")) -> None:
+    """Quantize, export, serve and measure every cell of a matrix, one engine at a time, and compare them."""
+    from workflows.bench import run_bench
+    from workflows.bench_matrix import load_matrix
+
+    run_bench(load_matrix(matrix), output, resume=resume, cache_dir=cache_dir, log=typer.echo)
+
+
 @app.command("simulate-kv")
 @user_errors
 def simulate_kv(checkpoint: Path = typer.Argument(..., help="A checkpoint directory (float or quantized)."),

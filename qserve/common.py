@@ -32,9 +32,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from serving.config import ConfigError
     from serving.keys import KeyFileError
     from serving.server import ServeError
+    from workflows.bench_matrix import MatrixError
 
     return (OptionError, OutputExistsError, ModelError, EndpointError, MethodError, SchemeError, CalibrationError,
-            EngineStartError, ServeError, FileNotFoundError, TaskError, WorkloadError, KeyFileError, ConfigError)
+            EngineStartError, ServeError, FileNotFoundError, TaskError, WorkloadError, KeyFileError, ConfigError,
+            MatrixError)
 
 
 def user_errors(fn: F) -> F:

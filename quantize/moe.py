@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from quantize.capture import StopForward
+from quantize.methods import MethodError
 from quantize.report import REPORT_TOKENS
 from quantize.stats import Stats
 
@@ -68,7 +69,7 @@ MOE_FAMILIES: dict[str, MoEFamily] = {
 }
 
 
-class MoEError(ValueError):
+class MoEError(MethodError):
     """A Mixture-of-Experts model the pipeline cannot quantize as asked; the message says what to do."""
 
 

@@ -144,8 +144,9 @@ def _cell(spec: dict[str, Any], index: int) -> Cell:
     values["calibration"] = _section(values.get("calibration"), Calibration, f"{label}: calibration")
     values["overrides"] = tuple(values.get("overrides") or ())
     template = str(values.get("name") or "{scheme}-{method}-{target}")
+    defaults = {f.name: f.default for f in dataclasses.fields(Cell) if f.default is not dataclasses.MISSING}
     try:
-        values["name"] = template.format(**{k: v for k, v in values.items() if k != "name"})
+        values["name"] = template.format(**{**defaults, **{k: v for k, v in values.items() if k != "name"}})
     except (KeyError, IndexError) as exc:
         raise MatrixError(f"{label}: name {template!r} refers to {exc}, which is not a field") from None
     try:

@@ -29,13 +29,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _size_mib(model_dir: Path) -> float:
-    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
+def _size_mib(model: Path) -> float:
+    """The weights' size: a GGUF file's, or a checkpoint directory's safetensors."""
+    files = [model] if model.is_file() else list(model.glob("*.safetensors"))
+    return sum(p.stat().st_size for p in files) / 2**20
 
 
 def measure_variant(name: str, model_dir: Path, port: int, out_dir: Path, windows: int,
-                    settings: LoadSettings, log: Callable[[str], None]) -> dict[str, Any]:
-    """Serves one checkpoint behind the gateway and measures perplexity and speed through it."""
+                    settings: LoadSettings, log: Callable[[str], None], seq_len: int = 2048,
+                    tokenizer: str | None = None) -> dict[str, Any]:
+    """Serves one checkpoint (or GGUF file) behind the gateway and measures perplexity and speed through it;
+    ``tokenizer``: where the tokenizer is (default: the checkpoint)."""
     from serving.launcher import served
 
     steps: dict[str, float] = {}
@@ -45,8 +49,8 @@ def measure_variant(name: str, model_dir: Path, port: int, out_dir: Path, window
         steps["serve_start_s"] = time.perf_counter() - t
         log(f"[{name}] gateway ready in {steps['serve_start_s']:.0f} s at {gw.url}")
         t = time.perf_counter()
-        ppl = endpoint_perplexity(gw.url, data_file("wikitext2-test.raw"), tokenizer=str(model_dir), model=name,
-                                  seq_len=2048, max_windows=windows)
+        ppl = endpoint_perplexity(gw.url, data_file("wikitext2-test.raw"), tokenizer=tokenizer or str(model_dir),
+                                  model=name, seq_len=seq_len, max_windows=windows)
         steps["eval_s"] = time.perf_counter() - t
         log(f"[{name}] perplexity {ppl['perplexity']:.3f} over {ppl['windows']} windows in {steps['eval_s']:.0f} s")
         t = time.perf_counter()
