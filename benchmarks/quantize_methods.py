@@ -72,7 +72,7 @@ def perplexity(model_dir: Path, ckpt: Path | None, windows: int, act_quant: bool
     from core import numerics
     from core.schemes import QuantArgs
 
-    from quantize.layerwise import compute_dtype
+    from quantize.shell import compute_dtype
 
     # weights rounded to bf16 as the checkpoint stores them; computed in float32 by default (the exact figure,
     # the same on CPUs with and without bf16 units); "auto" computes as the calibrated layers ran
@@ -151,7 +151,7 @@ def main() -> None:
             print(f"{row['scheme']} {row['method']}: ppl {row['perplexity']:.3f}", flush=True)
     import torch
 
-    from quantize.layerwise import compute_dtype
+    from quantize.shell import compute_dtype
 
     print(f"\n{args.samples} x {args.seq_len} calibration tokens; perplexity over {args.windows} x 2048 tokens, "
           f"computed in {args.eval_dtype if args.eval_dtype != 'auto' else compute_dtype(torch.device('cpu'), torch.bfloat16)}"

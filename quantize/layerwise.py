@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -26,11 +26,11 @@ from quantize.capture import StopForward
 from quantize.report import REPORT_TOKENS, LayerReport, kurtosis, report_linear
 from quantize.stats import Stats
 from quantize.folding import Family, Folded, apply_transforms, check_family_modules, family_of
-from quantize.kv_cache import observing, use_observing_attention
+from quantize.kv_cache import observing
+from quantize.shell import Shell, catch_inputs
 from quantize.moe import MIN_EXPERT_TOKENS, MoEFamily, RoutedExperts, calibrate_sparse_block, is_sparse, moe_family
 from quantize.moe import unfuse_experts
 
-BATCH = 4  # samples per forward: 8 gave the same speed with ~400 MiB more peak RSS (allocator high water)
 AWQ_SAMPLE_TOKENS = 4096
 ALPHA_SEARCH_TOKENS = 2048  # the alpha search runs 17 quantized matmuls per mapping on them
 
@@ -49,7 +49,7 @@ def _linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 
 
 @torch.no_grad()
-def _propagate(layer: torch.nn.Module, shell: "_Layers") -> None:
+def _propagate(layer: torch.nn.Module, shell: Shell) -> None:
     """Replaces each stored input by the layer's output on it (computed in the compute dtype, stored in the
     checkpoint's), batch by batch, so inputs and outputs are never all held at once."""
     for i, (hidden, kwargs) in enumerate(shell.inputs):
@@ -57,12 +57,12 @@ def _propagate(layer: torch.nn.Module, shell: "_Layers") -> None:
         shell.inputs[i] = ((out[0] if isinstance(out, tuple) else out).to(shell.store_dtype), kwargs)
 
 
-def _stats(shell: "_Layers", hessian: bool, absmax: bool, sample_tokens: int = REPORT_TOKENS) -> Stats:
+def _stats(shell: Shell, hessian: bool, absmax: bool, sample_tokens: int = REPORT_TOKENS) -> Stats:
     return Stats(hessian, absmax, sample_tokens, sum(h.shape[0] * h.shape[1] for h, _ in shell.inputs))
 
 
 @torch.no_grad()
-def _collect(layer: torch.nn.Module, shell: "_Layers", stats: Stats) -> Stats:
+def _collect(layer: torch.nn.Module, shell: Shell, stats: Stats) -> Stats:
     """Input statistics of every linear; from the second batch on, the layer stops at its last linear."""
     handles = [m.register_forward_pre_hook(stats.hook(n)) for n, m in _linears(layer).items()]
     try:
@@ -95,96 +95,6 @@ def _sample_tokens(recipe: Recipe, alpha: Optional[float]) -> int:
     if "awq" in recipe.transforms:
         return AWQ_SAMPLE_TOKENS
     return ALPHA_SEARCH_TOKENS if alpha is None and "smoothquant" in recipe.transforms else REPORT_TOKENS
-
-
-def compute_dtype(device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
-    """The dtype decoder layers run in: the checkpoint's on GPUs and on CPUs with bf16 matrix units; float32
-    on other CPUs, where bf16 matmuls run ~3x slower than float32 (measured on AVX-512 without BF16)."""
-    if device.type != "cpu" or checkpoint_dtype == torch.float32:
-        return checkpoint_dtype
-    cpu = torch.cpu
-    fast = getattr(cpu, "_is_amx_tile_supported", lambda: False)() or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return checkpoint_dtype if fast else torch.float32
-
-
-@dataclass
-class _Layers:
-    """The meta-device model shell, the calibration hidden states (stored in the checkpoint dtype) and
-    the keyword arguments its layers take: per kind of layer (``config.layer_types``: Gemma 2/3 alternate
-    sliding-window and full attention, with their own masks and, in Gemma 3, their own RoPE tables), per batch."""
-
-    layers: torch.nn.ModuleList
-    inputs: list[tuple[torch.Tensor, dict]]
-    dtype: torch.dtype
-    store_dtype: torch.dtype
-    device: torch.device
-    kinds: list[str] = field(default_factory=list)  # each layer's kind
-    kwargs: dict[str, list[dict]] = field(default_factory=dict)  # kind -> each batch's keyword arguments
-
-    def enter(self, index: int) -> None:
-        """Gives the stored batches the keyword arguments layer ``index`` receives in the model."""
-        kwargs = self.kwargs[self.kinds[index]]
-        self.inputs = [(hidden, kwargs[b]) for b, (hidden, _) in enumerate(self.inputs)]
-
-
-class _Catcher(torch.nn.Module):
-    """Stands in for a decoder layer while the embeddings run: hands its call to ``on_call`` and its input on."""
-
-    def __init__(self, index: int, on_call: Callable[[int, torch.Tensor, dict], None]) -> None:
-        super().__init__()
-        self.index, self.on_call = index, on_call
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        self.on_call(self.index, hidden, kwargs)
-        return hidden
-
-
-@torch.no_grad()
-def _catch_inputs(embed: torch.Tensor, config: Any, samples: torch.Tensor, device: torch.device,
-                  observe_kv: bool = False) -> _Layers:
-    """Runs the embeddings over the samples; catchers in place of the first layer of each kind record what
-    those layers receive (layer 0 its hidden states too), then the forward stops."""
-    from transformers import AutoModelForCausalLM
-
-    dtype = compute_dtype(device, embed.dtype)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.requires_grad_(False)
-    base = model.model
-    base.embed_tokens.to_empty(device=device)
-    # to_empty leaves buffers built in __init__ uninitialised: Gemma's embedding scale (sqrt(hidden)) among them;
-    # the model's own initialiser sets them (and a random weight, replaced at once)
-    model._init_weights(base.embed_tokens)
-    base.embed_tokens.weight.copy_(embed)
-    with torch.device(device):  # rotary tables are buffers built in __init__
-        base.rotary_emb = type(base.rotary_emb)(config=config)
-    layers, count = list(base.layers), len(base.layers)
-    kinds = list(getattr(config, "layer_types", None) or ["decoder"] * count)[:count]
-    first = {kind: kinds.index(kind) for kind in kinds}
-    shell = _Layers(base.layers, [], dtype, embed.dtype, device, kinds, {kind: [] for kind in first})
-    if observe_kv:
-        use_observing_attention(model)
-
-    def record(index: int, hidden: torch.Tensor, kwargs: dict) -> None:  # the real layers never run here
-        if index == 0:
-            shell.inputs.append((hidden.to(shell.store_dtype), {}))
-        if first[kinds[index]] == index:
-            shell.kwargs[kinds[index]].append({k: v for k, v in kwargs.items() if k != "past_key_values"})
-        if index == max(first.values()):
-            raise StopForward
-
-    for i in range(max(first.values()) + 1):
-        base.layers[i] = _Catcher(i, record)
-    try:
-        for batch in samples.split(BATCH):
-            with contextlib.suppress(StopForward):
-                base(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for i, layer in enumerate(layers):
-            base.layers[i] = layer
-    del base.embed_tokens
-    return shell
 
 
 def _quantize_rows(names: list[str], targets: dict[str, torch.nn.Linear], args: QuantArgs, stats: Stats,
@@ -258,7 +168,7 @@ class _LayerJob:
     """One decoder layer, in the order the work happens: load its weights, apply the recipe's transforms,
     quantize its linears group by group while its inputs are recorded, make the next layer's inputs."""
 
-    def __init__(self, plan: _Plan, shell: _Layers, index: int, state: dict[str, torch.Tensor]) -> None:
+    def __init__(self, plan: _Plan, shell: Shell, index: int, state: dict[str, torch.Tensor]) -> None:
         self.plan, self.shell, self.prefix = plan, shell, f"model.layers.{index}."
         self.report, self.quantized = LayerReport(index), {}
         self.layer = shell.layers[index]
@@ -361,7 +271,7 @@ def calibrated_layers(embed: torch.Tensor, load_layer: Callable[[int], dict[str,
     # an architecture the transforms cannot fold into fails here, before any work
     plan = _Plan(config, scheme, recipe, is_target, alpha, gptq_config, smooth_linears, torch.device(device),
                  family_of(config, recipe), moe_family(config), min_expert_tokens)
-    shell = _catch_inputs(embed, config, samples, plan.device, observe_kv=scheme.kv_cache is not None)
+    shell = catch_inputs(embed, config, samples, plan.device, observe_kv=scheme.kv_cache is not None)
     del embed  # the caller may drop its reference too: nothing here needs the embedding again
     release_freed_memory()
     for index in range(len(shell.layers)):

@@ -10,6 +10,7 @@ import torch
 
 from core.schemes import get_scheme
 from quantize import layerwise
+from quantize import shell as shell_module
 from quantize.methods import parse_recipe
 from quantize.moe import moe_family
 
@@ -44,7 +45,7 @@ def _replayed_hidden_states(model_type: str, tmp_path) -> tuple[list[torch.Tenso
         expected = model(ids, output_hidden_states=True).hidden_states
     config = model.config
     load = layer_loader(weight_files(tmp_path))
-    shell = layerwise._catch_inputs(load(-1)["model.embed_tokens.weight"], config, ids, torch.device("cpu"))
+    shell = shell_module.catch_inputs(load(-1)["model.embed_tokens.weight"], config, ids, torch.device("cpu"))
     shell.dtype = shell.store_dtype = torch.float32
     plan = layerwise._Plan(config, get_scheme("w4a16", 16), parse_recipe("gptq"), lambda _: False, None, None, False,
                            torch.device("cpu"), None, moe_family(config))
@@ -67,8 +68,8 @@ def test_layer_by_layer_replay_gives_transformers_hidden_states(model_type, tmp_
 def test_a_gemma3_full_attention_layer_replayed_with_the_sliding_layers_arguments_differs(tmp_path, monkeypatch):
     """The control for the test above: with every layer handed layer 0's arguments, layer 1 (full attention,
     global RoPE) comes out different."""
-    enter = layerwise._Layers.enter
-    monkeypatch.setattr(layerwise._Layers, "enter", lambda shell, index: enter(shell, 0))
+    enter = shell_module.Shell.enter
+    monkeypatch.setattr(shell_module.Shell, "enter", lambda shell, index: enter(shell, 0))
     got, expected, _ = _replayed_hidden_states("gemma3_text", tmp_path)
     assert torch.allclose(got[0], expected[1], atol=1e-4, rtol=1e-4)
     assert (got[1] - expected[2]).abs().max() > 0.01

@@ -66,6 +66,7 @@ def test_calibration_replays_the_float_model_expert_by_expert(moe_model):
 
     from core.checkpoint import layer_loader, weight_files
     from quantize import layerwise
+    from quantize import shell as shell_module
     from quantize.methods import parse_recipe
     from quantize.moe import moe_family
 
@@ -82,7 +83,7 @@ def test_calibration_replays_the_float_model_expert_by_expert(moe_model):
     block, projections = STORED[model_type]
 
     def replay(state: dict) -> torch.Tensor:
-        shell = layerwise._catch_inputs(embed, config, samples, torch.device("cpu"))
+        shell = shell_module.catch_inputs(embed, config, samples, torch.device("cpu"))
         shell.dtype = shell.store_dtype = torch.float32
         job = layerwise._LayerJob(plan, shell, 0, {k: v.float() for k, v in state.items()})
         job.quantize(propagate=True)
