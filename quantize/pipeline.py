@@ -88,7 +88,9 @@ def _scale_dtype(files: list[Path], weights: list[str]) -> str:
     return _SAFETENSORS_DTYPES.get(found.pop(), "float32") if len(found) == 1 else "float32"
 
 
-def _sha256_files(files: list[Path]) -> str:
+def source_fingerprint(files: list[Path]) -> str:
+    """A checkpoint's identity (``qserve.json``'s ``source_sha256``; bench's cache key): each weight file's name,
+    size and first MiB."""
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
@@ -320,7 +322,7 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
             source=str(model_dir), output=str(out_dir), scheme=scheme.to_dict(), method=recipe.name,
             quantized_layers=len(targets), seconds=round(time.perf_counter() - start, 2),
             size_bytes=writer.total_bytes, source_size_bytes=sum(p.stat().st_size for p in files),
-            source_sha256=_sha256_files(files), skipped=skipped, calibration=calibration_report, rotation=rotation)
+            source_sha256=source_fingerprint(files), skipped=skipped, calibration=calibration_report, rotation=rotation)
         (tmp / "qserve.json").write_text(json.dumps(report.to_dict(), indent=2))
         if layer_reports:
             title = f"{model_dir.name}: {scheme.name} / {recipe.name}" if options.report_png else None

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from core.atomic import atomic_output_file
 from workflows.bench_cache import cached_checkpoint, quantize_cell
 from workflows.bench_matrix import TARGETS, Cell, Matrix
 
@@ -32,9 +32,8 @@ def _slug(name: str) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_output_file(path, force=True) as tmp:
+        tmp.write_text(text)
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:
@@ -137,12 +136,11 @@ def write_report(matrix: Matrix, results: dict[str, dict[str, Any]], out_dir: Pa
     _write_atomic(out_dir / "report.json", json.dumps(report, indent=2, default=str))
     table = _markdown(rows)
     _write_atomic(out_dir / "report.md", f"# qserve bench: {matrix.model}\n\nbaseline: {matrix.baseline}\n\n{table}\n")
-    with open(out_dir / ".report.csv.tmp", "w", newline="") as fh:
+    with atomic_output_file(out_dir / "report.csv", force=True) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow([key for key, _, _ in COLUMNS] + ["error"])
         for row in rows:
             writer.writerow([row.get(key, "") for key, _, _ in COLUMNS] + [row.get("error", "")])
-    os.replace(out_dir / ".report.csv.tmp", out_dir / "report.csv")
     log(f"\n{table}\n\nsaved {out_dir / 'report.md'}, report.json and report.csv")
     return report
 

@@ -39,10 +39,10 @@ def recipe_key(model_dir: Path, cell: Cell) -> str:
     """The cache key of ``cell``'s quantization of ``model_dir``."""
     from core.checkpoint import weight_files
     from quantize.methods import parse_recipe
-    from quantize.pipeline import _sha256_files
+    from quantize.pipeline import source_fingerprint
 
     calibrated = parse_recipe(cell.method).needs_calibration or cell.kv_cache is not None or cell.rotate == "learned"
-    parts = {"version": KEY_VERSION, "model": _sha256_files(weight_files(model_dir)), "recipe": cell.recipe(),
+    parts = {"version": KEY_VERSION, "model": source_fingerprint(weight_files(model_dir)), "recipe": cell.recipe(),
              "calibration": _calibration_digest(cell) if calibrated else None}
     if not calibrated:
         parts["recipe"] = {k: v for k, v in parts["recipe"].items() if k != "calibration"}

@@ -80,11 +80,10 @@ class Cell:
 class EvalSettings:
     windows: int = 20
     seq_len: int = 2048
-    tasks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class LoadSettings:
+class LoadtestSettings:
     streams: tuple[int, ...] = (1, 8)
     input_len: int = 512
     output_len: int = 64
@@ -97,7 +96,7 @@ class Matrix:
     baseline: str
     cells: tuple[Cell, ...]
     eval: EvalSettings = EvalSettings()
-    loadtest: LoadSettings = LoadSettings()
+    loadtest: LoadtestSettings = LoadtestSettings()
 
     def cell(self, name: str) -> Cell:
         return next(c for c in self.cells if c.name == name)
@@ -203,7 +202,7 @@ def parse_matrix(raw: Any, source: str = "matrix") -> Matrix:
     if baseline not in seen:
         raise MatrixError(f"{source}: baseline {baseline!r} is not a cell; cells: {', '.join(seen)}")
     return Matrix(str(raw["model"]), baseline, cells, _section(raw.get("eval"), EvalSettings, "eval"),
-                  _section(raw.get("loadtest"), LoadSettings, "loadtest"))
+                  _section(raw.get("loadtest"), LoadtestSettings, "loadtest"))
 
 
 def load_matrix(path: Path) -> Matrix:

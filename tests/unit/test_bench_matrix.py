@@ -64,6 +64,8 @@ def test_bad_cells_are_refused_naming_cell_and_field(cell, message):
 def test_bad_matrices_are_refused(tmp_path):
     with pytest.raises(MatrixError, match="baseline 'fp16' is not a cell"):
         parse_matrix({"model": "m", "baseline": "fp16", "cells": [{"name": "bf16"}]})
+    with pytest.raises(MatrixError, match="eval: unknown field 'tasks'"):  # not run yet: refused, never ignored
+        parse_matrix({"model": "m", "cells": [{"name": "bf16"}], "eval": {"tasks": ["arc_easy"]}})
     with pytest.raises(MatrixError, match="unknown field 'cell'"):
         parse_matrix({"model": "m", "cell": []})
     with pytest.raises(MatrixError, match="needs a model and at least one cell"):
