@@ -48,14 +48,24 @@ async def _continuation_scores(client, url: str, model: str, tokenizer, context:
 
 
 def _choice_summary(task: Task, results: list[tuple[float, bool]]) -> dict[str, Any]:
-    metrics: dict[str, list[float]] = {"acc": [], "acc_norm": []}
+    """``acc`` and ``acc_norm`` per item; partial items (one continuation for every context) only ``acc``, as
+    lm-evaluation-harness reports WinoGrande: normalising by the continuation's length changes nothing there."""
+    metrics: dict[str, list[float]] = {"acc": []} if task.kind == "partial" else {"acc": [], "acc_norm": []}
     at = 0
     for item in task.items:
         lls = [ll for ll, _ in results[at:at + len(item.choices)]]
         at += len(item.choices)
         for name, value in choice_metrics(lls, item.choices, item.answer).items():
-            metrics[name].append(value)
+            if name in metrics:
+                metrics[name].append(value)
     return _summarise(metrics)
+
+
+def scored_pairs(task: Task) -> list[tuple[str, str]]:
+    """The (context, continuation) pairs whose log-likelihoods a choice or partial task needs, item by item."""
+    if task.kind == "partial":
+        return [(context, item.continuation) for item in task.items for context in item.choices]
+    return [(item.context, c) for item in task.items for c in item.choices]
 
 
 def _last_word_summary(results: list[tuple[float, bool]]) -> dict[str, Any]:
@@ -83,10 +93,10 @@ async def _run(url: str, model: Optional[str], tokenizer, task: Task, concurrenc
             found = [extract_number(a) for a in answers]
             hits = [float(f is not None and f == extract_number(i.reference)) for f, i in zip(found, task.items)]
             return model, _summarise({"exact_match": hits})
-        pairs = [(i.context, c) for i in task.items for c in i.choices]
+        pairs = scored_pairs(task)
         jobs = [lambda p=p: _continuation_scores(client, url, model, tokenizer, *p) for p in pairs]
         results = await gather_limited(jobs, concurrency, task.name, progress)
-    return model, _choice_summary(task, results) if task.kind == "choice" else _last_word_summary(results)
+    return model, _last_word_summary(results) if task.kind == "last_word" else _choice_summary(task, results)
 
 
 def run_task(url: str, model: Optional[str], tokenizer, task: Task, concurrency: int = 8, max_tokens: int = 256,

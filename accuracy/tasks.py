@@ -1,10 +1,13 @@
 """Evaluation tasks read from local files: a registry of named loaders (the shared data's ARC-Easy,
-PIQA, BoolQ, LAMBADA and GSM8K, with lm-evaluation-harness's prompts) and a generic JSONL format.
+PIQA, BoolQ, LAMBADA and GSM8K, with lm-evaluation-harness's prompts) and file formats read by path (a
+generic JSONL, AI2's ARC JSONL, WinoGrande's JSONL), told apart by their first record.
 
 A task is a list of items of one kind: ``choice`` items (context, choices, answer index) scored by
-log-likelihood; ``last_word`` items (context, continuation) scored by whether greedy decoding would
-produce the continuation; ``generation`` items (question, reference answer) scored by exact match of
-the final number through the chat endpoint. A malformed line is rejected with its file and line number.
+log-likelihood; ``partial`` items (alternative contexts, one shared continuation: WinoGrande's partial
+scoring) scored by the continuation's log-likelihood after each context; ``last_word`` items (context,
+continuation) scored by whether greedy decoding would produce the continuation; ``generation`` items
+(question, reference answer) scored by exact match of the final number through the chat endpoint. A
+malformed line is rejected with its file and line number.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
 
-Kind = Literal["choice", "last_word", "generation"]
+Kind = Literal["choice", "partial", "last_word", "generation"]
 
 
 class TaskError(ValueError):
@@ -24,9 +27,10 @@ class TaskError(ValueError):
 @dataclass(frozen=True)
 class Item:
     context: str
-    choices: tuple[str, ...] = ()  # continuations (choice items); the one continuation (last_word)
+    choices: tuple[str, ...] = ()  # continuations (choice); contexts (partial); the one continuation (last_word)
     answer: int = 0  # index of the right choice
     reference: str = ""  # generation items: the reference answer
+    continuation: str = ""  # partial items: the continuation every context is scored on
 
 
 @dataclass(frozen=True)
@@ -65,32 +69,79 @@ def _spaced(context: str, choice: str) -> str:
     return choice if context[-1:].isspace() or choice[:1].isspace() else " " + choice
 
 
+def _answer(path: Path, number: int, answer: Any, count: int) -> int:
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < count:
+        raise TaskError(f"{path}:{number}: 'answer' must be the index of the right choice, 0..{count - 1}")
+    return answer
+
+
+def _strings(path: Path, number: int, values: list, key: str) -> tuple[str, ...]:
+    if not all(isinstance(v, str) and v for v in values) or len(values) < 2:
+        raise TaskError(f"{path}:{number}: {key!r} must be two or more non-empty strings")
+    return tuple(values)
+
+
 def load_generic(path: Path) -> Task:
-    """``{"question": str, "choices": [str, ...], "answer": int}`` per line: a multiple-choice task whose
-    context is the question as written and whose continuations are the choices."""
+    """Multiple choice, one item per line, of either form (all lines alike):
+
+    - ``{"question": str, "choices": [str, ...], "answer": int}``: the question is the context as written and
+      the choices its continuations;
+    - ``{"contexts": [str, ...], "continuation": str, "answer": int}``: partial scoring, as WinoGrande's: the
+      one continuation scored after each context (joined with one space, as lm-evaluation-harness joins them).
+    """
+    items, kinds = [], set()
+    for number, r in _lines(path):
+        if "contexts" in r:
+            contexts = _strings(path, number, _field(path, number, r, "contexts", list), "contexts")
+            continuation = _field(path, number, r, "continuation", str)
+            items.append(Item("", contexts, _answer(path, number, r.get("answer"), len(contexts)),
+                              continuation=" " + continuation.lstrip()))
+            kinds.add("partial")
+        else:
+            question = _field(path, number, r, "question", str)
+            choices = _strings(path, number, _field(path, number, r, "choices", list), "choices")
+            items.append(Item(question, tuple(_spaced(question, c) for c in choices),
+                              _answer(path, number, r.get("answer"), len(choices))))
+            kinds.add("choice")
+        if len(kinds) > 1:
+            raise TaskError(f"{path}:{number}: mixes question/choices lines with contexts/continuation lines; "
+                            f"put each kind in its own file")
+    return Task(path.stem, kinds.pop() if kinds else "choice", tuple(items))
+
+
+def _winogrande(path: Path) -> Task:
+    """WinoGrande's JSONL (``sentence`` with one ``_``, ``option1``, ``option2``, ``answer`` "1"/"2"), split as
+    lm-evaluation-harness splits it: each option fills the blank in the context, the rest of the sentence after
+    the blank is the continuation scored."""
     items = []
     for number, r in _lines(path):
-        question = _field(path, number, r, "question", str)
-        choices = _field(path, number, r, "choices", list)
-        answer = r.get("answer")
-        if not all(isinstance(c, str) and c for c in choices) or len(choices) < 2:
-            raise TaskError(f"{path}:{number}: 'choices' must be two or more non-empty strings")
-        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-            raise TaskError(f"{path}:{number}: 'answer' must be the index of the right choice, 0..{len(choices) - 1}")
-        items.append(Item(question, tuple(_spaced(question, c) for c in choices), answer))
-    return Task(path.stem, "choice", tuple(items))
+        sentence = _field(path, number, r, "sentence", str)
+        if sentence.count("_") != 1:
+            raise TaskError(f"{path}:{number}: 'sentence' must hold exactly one '_' (the blank the options fill)")
+        if str(r.get("answer")) not in ("1", "2"):
+            raise TaskError(f"{path}:{number}: 'answer' must be 1 or 2, not {r.get('answer')!r}")
+        blank = sentence.index("_")
+        options = (_field(path, number, r, "option1", str), _field(path, number, r, "option2", str))
+        items.append(Item("", tuple(sentence[:blank] + o for o in options), int(str(r["answer"])) - 1,
+                          continuation=" " + sentence[blank + 1:].strip()))
+    return Task(path.stem, "partial", tuple(items))
 
 
-def _arc(path: Path) -> Task:
+def _arc(path: Path, name: str = "arc_easy") -> Task:
+    """AI2's ARC JSONL (ARC-Easy or ARC-Challenge): ``question.stem``, ``question.choices`` with labels,
+    ``answerKey``."""
     items = []
     for number, r in _lines(path):
         q = _field(path, number, r, "question", dict)
+        if not isinstance(q.get("stem"), str) or not isinstance(q.get("choices"), list) or \
+                not all(isinstance(c, dict) and "label" in c and "text" in c for c in q["choices"]):
+            raise TaskError(f"{path}:{number}: an ARC question needs 'stem' and 'choices' of {{'label', 'text'}}")
         labels = [c["label"] for c in q["choices"]]
         if r.get("answerKey") not in labels:
             raise TaskError(f"{path}:{number}: answerKey {r.get('answerKey')!r} is not one of the labels {labels}")
         context = f"Question: {q['stem']}\nAnswer:"
         items.append(Item(context, tuple(" " + c["text"] for c in q["choices"]), labels.index(r["answerKey"])))
-    return Task("arc_easy", "choice", tuple(items))
+    return Task(name, "choice", tuple(items))
 
 
 def _piqa(path: Path) -> Task:
@@ -147,6 +198,20 @@ BUILTIN: dict[str, tuple[str, Callable[[Path], Task]]] = {
 }
 
 
+# file formats read by path, told apart by the first record: (name, test on the record, loader)
+FILE_FORMATS: list[tuple[str, Callable[[dict], bool], Callable[[Path], Task]]] = [
+    ("arc", lambda r: isinstance(r.get("question"), dict) and "answerKey" in r, lambda p: _arc(p, p.stem)),
+    ("winogrande", lambda r: {"sentence", "option1", "option2"} <= set(r), _winogrande),
+    ("generic", lambda r: True, load_generic),
+]
+
+
+def load_file(path: Path) -> Task:
+    """A task file by path, in whichever of FILE_FORMATS its first record has."""
+    first = next(_lines(path), (0, {}))[1]
+    return next(loader for _, matches, loader in FILE_FORMATS if matches(first))(path)
+
+
 def load_task(spec: str, limit: Optional[int] = None) -> Task:
     """A built-in task by name (read from the shared data directory) or a generic JSONL file by path."""
     from core.data import data_file
@@ -159,11 +224,12 @@ def load_task(spec: str, limit: Optional[int] = None) -> Task:
         filename, loader = BUILTIN[spec]
         task = loader(data_file(filename))
     elif spec.endswith(".jsonl") or Path(spec).exists():
-        task = load_generic(Path(spec))
+        task = load_file(Path(spec))
     else:
         raise TaskError(f"unknown task {spec!r}; choose one of {', '.join(BUILTIN)}, wikitext, hub:NAME (arc_easy, "
-                        f"piqa, boolq, hellaswag through datasets), or a .jsonl file of "
-                        f"{{\"question\", \"choices\", \"answer\"}} lines")
+                        f"piqa, boolq, hellaswag through datasets), or a .jsonl file: "
+                        f"{{\"question\", \"choices\", \"answer\"}} or {{\"contexts\", \"continuation\", "
+                        f"\"answer\"}} lines, AI2's ARC or WinoGrande's format")
     if not task.items:
         raise TaskError(f"task {spec!r} has no items")
     return Task(task.name, task.kind, task.items[:limit] if limit else task.items)

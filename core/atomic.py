@@ -52,3 +52,9 @@ def atomic_output_file(out: Path, force: bool = False) -> Iterator[Path]:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(out: Path, text: str) -> None:
+    """Writes ``text`` to ``out`` (replacing it) so that a reader sees the old file or the new, never a part."""
+    with atomic_output_file(out, force=True) as tmp:
+        tmp.write_text(text)

@@ -328,9 +328,8 @@ def evaluate(ctx: typer.Context,
 @user_errors
 def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Where the report goes."),
          scheme: List[str] = typer.Option(["w8a8", "w4a16"], help="Schemes to compare with bf16 (repeatable)."),
-         port: int = typer.Option(8300, help="Gateway port used for each variant in turn."),
          windows: int = typer.Option(20, help="Perplexity windows of 2048 tokens.")) -> None:
-    """Run the whole chain on the demo model and print the bf16-vs-quantized table."""
+    """Run the whole chain on the demo model (the bench `demo` preset) and print the bf16-vs-quantized table."""
     from workflows.demo import run_demo
     from core.schemes import get_scheme
 
@@ -338,22 +337,37 @@ def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="
         if not get_scheme(s).quantizes_weights:
             raise OptionError(f"--scheme {s} quantizes no weights, so the demo has nothing to compare with bf16; "
                               f"choose a weight scheme (e.g. w8a8, w4a16)")
-    run_demo(output, tuple(scheme), port=port, windows=windows, log=typer.echo)
+    run_demo(output, tuple(scheme), windows=windows, log=typer.echo)
 
 
 @app.command()
 @user_errors
-def bench(matrix: Path = typer.Argument(..., help="A matrix YAML: model, baseline, defaults and cells (lists expand "
-                                                  "into one cell per value)."),
-          output: Path = typer.Option(..., "--output", "-o", help="Run directory: cells/, report.md/.json/.csv."),
+def bench(matrix: Optional[Path] = typer.Argument(None, help="A matrix YAML: model, baseline, defaults and cells "
+                                                             "(lists expand into one cell per value)."),
+          output: Path = typer.Option(..., "--output", "-o", help="Run directory: cells/, report.md/.html/.json/.csv."),
+          preset: Optional[str] = typer.Option(None, help="A matrix shipped with qserve instead of MATRIX: demo, "
+                                                          "methods, llmc-findings."),
           resume: bool = typer.Option(True, help="Keep the cells an earlier run of this directory finished."),
           cache_dir: Optional[Path] = typer.Option(None, help="Where quantized cells are cached (default: "
-                                                              "$QSERVE_CACHE/bench).")) -> None:
-    """Quantize, export, serve and measure every cell of a matrix, one engine at a time, and compare them."""
-    from workflows.bench import run_bench
-    from workflows.bench_matrix import load_matrix
+                                                              "$QSERVE_CACHE/bench)."),
+          executor: str = typer.Option("local", help="local (one cell after another here) or ray (cells on a Ray "
+                                                     "cluster, one per worker)."),
+          address: Optional[str] = typer.Option(None, help="The Ray cluster's address (--executor ray)."),
+          max_ppl_increase: Optional[str] = typer.Option(None, help="Rank only cells within this perplexity "
+                                                                    "increase over the baseline (2% or 0.02)."),
+          min_decode_tok_s: Optional[float] = typer.Option(None, help="Rank only cells decoding at least this "
+                                                                      "fast (tokens/s, one stream).")) -> None:
+    """Quantize, export, serve and measure every cell of a matrix, and compare them side by side."""
+    from workflows.bench.matrix import load_matrix, preset_path
+    from workflows.bench.report import Constraints
+    from workflows.bench.run import run_bench
 
-    run_bench(load_matrix(matrix), output, resume=resume, cache_dir=cache_dir, log=typer.echo)
+    if (matrix is None) == (preset is None):
+        raise OptionError("give a matrix file or --preset NAME (one of them)")
+    constraints = Constraints.parse(max_ppl_increase, min_decode_tok_s)
+    loaded = load_matrix(matrix if matrix is not None else preset_path(preset))
+    run_bench(loaded, output, resume=resume, cache_dir=cache_dir, executor=executor, address=address,
+              constraints=constraints, log=typer.echo)
 
 
 @app.command("simulate-kv")

@@ -32,11 +32,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from serving.config import ConfigError
     from serving.keys import KeyFileError
     from serving.server import ServeError
-    from workflows.bench_matrix import MatrixError
+    from workflows.bench.executors import ExecutorError
+    from workflows.bench.matrix import MatrixError
+    from workflows.bench.report import ConstraintError
 
     return (OptionError, OutputExistsError, ModelError, EndpointError, MethodError, SchemeError, CalibrationError,
             EngineStartError, ServeError, FileNotFoundError, TaskError, WorkloadError, KeyFileError, ConfigError,
-            MatrixError)
+            MatrixError, ExecutorError, ConstraintError)
 
 
 def user_errors(fn: F) -> F:

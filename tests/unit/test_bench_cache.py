@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from workflows.bench_cache import cached_checkpoint, quantize_cell, recipe_key
-from workflows.bench_matrix import Calibration, Cell
+from workflows.bench.cache import cached_checkpoint, quantize_cell, recipe_key
+from workflows.bench.matrix import Calibration, Cell
 
 GPTQ = Cell(name="a", scheme="w4a16", method="gptq", group_size=64,
             calibration=Calibration(num_samples=4, seq_len=64))

@@ -3,9 +3,11 @@ before any work, naming the cell and the field."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from workflows.bench_matrix import MatrixError, load_matrix, parse_matrix
+from workflows.bench.matrix import MatrixError, load_matrix, parse_matrix, preset_path, presets
 
 MATRIX = """
 model: smollm2-135m
@@ -64,8 +66,15 @@ def test_bad_cells_are_refused_naming_cell_and_field(cell, message):
 def test_bad_matrices_are_refused(tmp_path):
     with pytest.raises(MatrixError, match="baseline 'fp16' is not a cell"):
         parse_matrix({"model": "m", "baseline": "fp16", "cells": [{"name": "bf16"}]})
-    with pytest.raises(MatrixError, match="eval: unknown field 'tasks'"):  # not run yet: refused, never ignored
-        parse_matrix({"model": "m", "cells": [{"name": "bf16"}], "eval": {"tasks": ["arc_easy"]}})
+    with pytest.raises(MatrixError, match="eval: tasks: unknown task 'arc_hard'"):  # before any cell runs
+        parse_matrix({"model": "m", "cells": [{"name": "bf16"}], "eval": {"tasks": ["arc_hard"]}})
+    with pytest.raises(MatrixError, match="eval: unknown field 'limit'"):
+        parse_matrix({"model": "m", "cells": [{"name": "bf16"}], "eval": {"limit": 3}})
+    with pytest.raises(MatrixError, match="findings 'gptq-paper' is not one of llmc"):
+        parse_matrix({"model": "m", "cells": [{"name": "bf16"}], "findings": "gptq-paper"})
+    with pytest.raises(MatrixError, match=r"cell 1 \(x\): calibration: c4.jsonl is not in the data folder"):
+        parse_matrix({"model": "m", "cells": [{"name": "x", "scheme": "w4a16", "method": "gptq",
+                                               "calibration": {"file": "data:c4.jsonl"}}]})
     with pytest.raises(MatrixError, match="unknown field 'cell'"):
         parse_matrix({"model": "m", "cell": []})
     with pytest.raises(MatrixError, match="needs a model and at least one cell"):
@@ -75,3 +84,16 @@ def test_bad_matrices_are_refused(tmp_path):
     (tmp_path / "bad.yaml").write_text("cells: [")
     with pytest.raises(MatrixError, match="not valid YAML"):
         load_matrix(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("name", presets())
+def test_every_preset_is_a_valid_matrix(name):
+    matrix = load_matrix(preset_path(name))
+    assert matrix.baseline == matrix.cells[0].name and not matrix.cells[0].quantized
+
+
+def test_data_calibration_files_resolve_in_the_shared_data(tmp_path):
+    matrix = parse_matrix({"model": "m", "cells": [{"name": "x", "scheme": "w4a16", "method": "gptq",
+                                                    "calibration": {"file": "data:lambada_openai_test.jsonl"}}]})
+    assert Path(matrix.cells[0].calibration.source()).name == "lambada_openai_test.jsonl"
+    assert Path(matrix.cells[0].calibration.source()).is_file()

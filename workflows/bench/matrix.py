@@ -40,12 +40,23 @@ TARGETS: dict[str, Target] = {
 }
 
 
+DATA_PREFIX = "data:"  # a calibration file in the shared data directory (``data:lambada_openai_test.jsonl``)
+
+
 @dataclass(frozen=True)
 class Calibration:
-    file: Optional[str] = None  # None: the shared WikiText-2 validation text
+    file: Optional[str] = None  # None: the shared WikiText-2 validation text; a path, data:NAME or hf:NAME
     num_samples: int = 128
     seq_len: int = 512
     seed: int = 0
+
+    def source(self) -> Optional[str]:
+        """The file as the quantizer takes it: a ``data:`` name resolved in the shared data directory."""
+        from core.data import data_file
+
+        if self.file and self.file.startswith(DATA_PREFIX):
+            return str(data_file(self.file[len(DATA_PREFIX):]))
+        return self.file
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,10 @@ class Cell:
     kv_cache: Optional[str] = None
     overrides: tuple[str, ...] = ()
     calibration: Calibration = Calibration()
+    device: str = "cpu"  # where calibration runs ("cuda" on a GPU worker)
+    cpus: float = 1.0  # what the cell asks of a Ray worker (the local executor runs cells one by one)
+    gpus: float = 0.0
+    loadtest: bool = True  # False: accuracy only (e.g. a dequantized cell, whose speed is the float model's)
 
     @property
     def quantized(self) -> bool:
@@ -71,15 +86,23 @@ class Cell:
     def recipe(self) -> dict[str, Any]:
         """What determines the quantized checkpoint (the cache key's part from the cell): not its name or target."""
         data = dataclasses.asdict(self)
-        for key in ("name", "target"):
+        for key in ("name", "target", "cpus", "gpus", "loadtest"):
             data.pop(key)
         return data
 
 
 @dataclass(frozen=True)
 class EvalSettings:
+    """What each cell is scored on through its endpoint: WikiText-2 perplexity, tasks, agreement with the
+    baseline cell (top-1 and KL over the first ``agreement_windows`` windows, from ``top_k`` log-probabilities)."""
+
     windows: int = 20
     seq_len: int = 2048
+    tasks: tuple[str, ...] = ()
+    task_limit: Optional[int] = None  # items per task (None: all)
+    agreement_windows: int = 4
+    agreement_seq_len: int = 512
+    top_k: int = 10
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,7 @@ class LoadtestSettings:
     input_len: int = 512
     output_len: int = 64
     requests: int = 16
+    prefill_requests: Optional[int] = None  # prefill-only requests (None: the load test's default)
 
 
 @dataclass(frozen=True)
@@ -97,6 +121,7 @@ class Matrix:
     cells: tuple[Cell, ...]
     eval: EvalSettings = EvalSettings()
     loadtest: LoadtestSettings = LoadtestSettings()
+    findings: Optional[str] = None  # a findings table computed from the cells (workflows.bench.findings)
 
     def cell(self, name: str) -> Cell:
         return next(c for c in self.cells if c.name == name)
@@ -104,7 +129,7 @@ class Matrix:
 
 CELL_FIELDS = {f.name for f in dataclasses.fields(Cell)}
 LIST_FIELDS = {"overrides"}  # lists by nature: a list of lists expands them
-TOP_FIELDS = {"model", "baseline", "defaults", "cells", "eval", "loadtest"}
+TOP_FIELDS = {"model", "baseline", "defaults", "cells", "eval", "loadtest", "findings", "description"}
 
 
 def _section(raw: Any, cls: type, where: str) -> Any:
@@ -172,6 +197,15 @@ def _check_cell(cell: Cell, label: str) -> None:
             check()
         except (SchemeError, MethodError) as exc:
             raise MatrixError(f"{label}: {name}: {exc}") from None
+    from core.data import DataDirError
+
+    try:
+        source = cell.calibration.source()
+    except DataDirError as exc:
+        raise MatrixError(f"{label}: calibration: {exc}") from None
+    if source and not source.startswith("hf:") and not Path(source).is_file():
+        raise MatrixError(f"{label}: calibration: file {cell.calibration.file!r} does not exist; give a local text "
+                          f"or JSONL file, data:NAME for a file in the shared data directory, or hf:NAME")
     if TARGETS[cell.target].layout == "gguf" and not cell.scheme.startswith("gguf-"):
         raise MatrixError(f"{label}: target llamacpp takes a GGUF block scheme (gguf-q4_0, gguf-q4_1, gguf-q8_0), "
                           f"not {cell.scheme!r}")
@@ -201,18 +235,56 @@ def parse_matrix(raw: Any, source: str = "matrix") -> Matrix:
     baseline = raw.get("baseline") or cells[0].name
     if baseline not in seen:
         raise MatrixError(f"{source}: baseline {baseline!r} is not a cell; cells: {', '.join(seen)}")
-    return Matrix(str(raw["model"]), baseline, cells, _section(raw.get("eval"), EvalSettings, "eval"),
-                  _section(raw.get("loadtest"), LoadtestSettings, "loadtest"))
+    evaluation = _section(raw.get("eval"), EvalSettings, "eval")
+    _check_tasks(evaluation)
+    findings = raw.get("findings")
+    if findings is not None:
+        from workflows.bench.findings import FINDINGS
+
+        if findings not in FINDINGS:
+            raise MatrixError(f"{source}: findings {findings!r} is not one of {', '.join(FINDINGS)}")
+    return Matrix(str(raw["model"]), baseline, cells, evaluation, _section(raw.get("loadtest"), LoadtestSettings,
+                                                                             "loadtest"), findings)
 
 
-def load_matrix(path: Path) -> Matrix:
-    """Reads and validates a matrix file."""
+def _check_tasks(evaluation: EvalSettings) -> None:
+    """Each task loads (a hub task is left to run time: it needs the network)."""
+    from accuracy.tasks import TaskError, load_task
+
+    for spec in evaluation.tasks:
+        if not spec.startswith("hub:"):
+            try:
+                load_task(spec, limit=1)
+            except TaskError as exc:
+                raise MatrixError(f"eval: tasks: {exc}") from None
+
+
+PRESETS_DIR = Path(__file__).with_name("presets")
+
+
+def presets() -> list[str]:
+    """The preset matrices shipped with qserve (``qserve bench --preset NAME``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def read_matrix(path: Path) -> Any:
+    """A matrix file's YAML, parsed but not validated."""
     import yaml
 
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise MatrixError(f"cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise MatrixError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_matrix(raw, str(path))
+
+
+def preset_path(name: str) -> Path:
+    if name not in presets():
+        raise MatrixError(f"unknown preset {name!r}; presets: {', '.join(presets())}")
+    return PRESETS_DIR / f"{name}.yaml"
+
+
+def load_matrix(path: Path) -> Matrix:
+    """Reads and validates a matrix file."""
+    return parse_matrix(read_matrix(path), str(path))

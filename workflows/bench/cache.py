@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from workflows.bench_matrix import Cell
+from workflows.bench.matrix import Cell
 
 KEY_VERSION = 1  # bump when what a checkpoint holds for the same inputs changes
 
@@ -29,7 +29,7 @@ def _calibration_digest(cell: Cell) -> Optional[str]:
     """The calibration text's content hash (a hub dataset: its name); None for a recipe that reads no data."""
     from core.data import data_file
 
-    source = cell.calibration.file
+    source = cell.calibration.source()
     if source and source.startswith("hf:"):
         return source
     return _file_digest(Path(source) if source else data_file("wikitext2-valid.tokens"))
@@ -72,5 +72,6 @@ def quantize_cell(model_dir: Path, cell: Cell, out: Path, log: Callable[[str], N
     scheme = compose_scheme(cell.scheme, cell.group_size, cell.asym, cell.observer, cell.overrides, cell.kv_cache)
     c = cell.calibration
     options = QuantizeOptions(calibration=CalibrationSpec(num_samples=c.num_samples, seq_len=c.seq_len, seed=c.seed,
-                                                          path=c.file), rotate=cell.rotate)
+                                                          path=c.source()), rotate=cell.rotate,
+                              device=cell.device)
     quantize_checkpoint(model_dir, scheme, cell.method, out, progress=False, log=log, options=options)
