@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import engine_processes
 from tests.integration.conftest import ROOT, run_qserve
+from tests.unit.test_bench_report import validate_report
 from tests.unit.tiny import make_tiny_family
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -74,6 +75,7 @@ def test_bench_survives_a_kill_records_a_failure_resumes_and_reports(demo_model,
     report = json.loads((run / "report.json").read_text())
     rows = {r["cell"]: r for r in report["rows"]}
     assert report["schema"] == "qserve.bench/1" and list(rows) == ["float", "w4-rtn", "w8-weight-only"]
+    validate_report(run / "report.json")
     assert rows["float"]["status"] == rows["w4-rtn"]["status"] == "ok"
     assert rows["w8-weight-only"]["status"] == "failed" and rows["w8-weight-only"]["error"].count("\n") == 0
     # a random model: perplexity near the vocabulary's size, moved by the 4-bit weights, the change reported

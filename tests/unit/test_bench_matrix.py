@@ -97,3 +97,15 @@ def test_data_calibration_files_resolve_in_the_shared_data(tmp_path):
                                                     "calibration": {"file": "data:lambada_openai_test.jsonl"}}]})
     assert Path(matrix.cells[0].calibration.source()).name == "lambada_openai_test.jsonl"
     assert Path(matrix.cells[0].calibration.source()).is_file()
+
+
+def test_a_kept_result_must_have_been_measured_with_the_same_recipe_and_settings():
+    from workflows.bench.run import measured_with
+
+    raw = {"model": "m", "cells": [{"name": "a", "scheme": "w4a16", "method": "rtn"}], "eval": {"windows": 4}}
+    same = measured_with(parse_matrix(raw), parse_matrix(raw).cell("a"))
+    assert same == measured_with(parse_matrix(raw), parse_matrix(raw).cell("a"))
+    for change in ({"eval": {"windows": 8}}, {"cells": [{"name": "a", "scheme": "w4a16", "method": "gptq"}]},
+                   {"cells": [{"name": "a", "scheme": "w4a16", "method": "rtn", "target": "vllm-gptq"}]}):
+        other = parse_matrix({**raw, **change})
+        assert measured_with(other, other.cell("a")) != same, change

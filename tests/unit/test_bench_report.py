@@ -14,6 +14,26 @@ from workflows.bench.matrix import load_matrix, parse_matrix, preset_path
 from workflows.bench.report import ConstraintError, Constraints, rank, write_reports
 
 
+def validate_report(path):
+    """The report file against the schema qserve ships (report.schema.json)."""
+    import jsonschema
+
+    from workflows.bench.report import SCHEMA_FILE
+
+    jsonschema.validate(json.loads(path.read_text()), json.loads(SCHEMA_FILE.read_text()))
+
+
+def test_the_schema_refuses_a_report_that_breaks_it(tmp_path):
+    import jsonschema
+
+    test_reports_are_written_from_recorded_results(tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    report["rows"][0]["status"] = "done"
+    (tmp_path / "bad.json").write_text(json.dumps(report))
+    with pytest.raises(jsonschema.ValidationError, match="'done' is not one of"):
+        validate_report(tmp_path / "bad.json")
+
+
 def _row(cell, ppl_change, decode, size, status="ok"):
     return {"cell": cell, "status": status, "ppl_change": ppl_change, "decode_tok_s": decode, "size_mib": size}
 
@@ -87,11 +107,12 @@ def test_reports_are_written_from_recorded_results(tmp_path):
                "input_kurtosis": {"q_proj": 5.0}} for i in range(4)]
     results = {"bf16": {"status": "ok", "perplexity": 20.0, "size_mib": 258.0, "decode_tok_s": 28.0, "latency": latency},
                "w4": {"status": "ok", "perplexity": 21.0, "size_mib": 90.0, "decode_tok_s": 24.0, "latency": latency,
-                      "agreement": {"top1_agreement": 0.9, "mean_kl": 0.05}, "tasks": {"arc_easy": {"acc": 0.5}},
+                      "agreement": {"positions": 100, "top1_agreement": 0.9, "mean_kl": 0.05}, "tasks": {"arc_easy": {"items": 4, "acc": 0.5}},
                       "layers": layers},
                "w8": {"status": "failed", "error": "EngineStartError: refused"}}
     report = write_reports(matrix, results, tmp_path, Constraints(max_ppl_increase=0.1), log=lambda m: None)
     assert json.loads((tmp_path / "report.json").read_text())["schema"] == report["schema"] == "qserve.bench/1"
+    validate_report(tmp_path / "report.json")
     rows = {r["cell"]: r for r in report["rows"]}
     assert rows["w4"]["ppl_change"] == pytest.approx(0.05) and rows["w4"]["top1_agreement"] == 0.9
     assert rows["w4"]["task:arc_easy"] == 0.5 and rows["w8"]["status"] == "failed"

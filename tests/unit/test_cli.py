@@ -232,3 +232,25 @@ def test_serve_served_model_name_and_the_demo_model_hint(tmp_path, monkeypatch):
                                                                   "--served-model-name", "b"))
     hint = " ".join(invoke("serve").output.replace("│", " ").split())
     assert f"qserve serve {next(iter(DEMO_MODELS))}`" in hint and "instruct" not in hint
+
+
+# --- bench: options checked before any work ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give a matrix file or --preset NAME"),
+    (["--preset", "demo", "MATRIX"], "give a matrix file or --preset NAME"),
+    (["--preset", "fastest"], "unknown preset 'fastest'; presets: demo, llmc-findings, methods"),
+    (["--preset", "demo", "--max-ppl-increase", "2 percent"], "--max-ppl-increase '2 percent' is not a number"),
+    (["--preset", "demo", "--executor", "slurm"], "unknown executor 'slurm'; choose one of local, ray"),
+    (["--preset", "demo", "--address", "10.0.0.1:6379"], "--address is for --executor ray"),
+    (["--preset", "demo", "--executor", "ray"], "--executor ray needs --address HOST:PORT"),
+])
+def test_bench_refuses_bad_options_in_one_line_before_any_work(tmp_path, args, message):
+    positional = [a for a in args if a == "MATRIX"]
+    options = [a for a in args if a != "MATRIX"]
+    matrix = [str(tmp_path / "m.yaml")] if positional else []
+    if matrix:
+        (tmp_path / "m.yaml").write_text("model: m\ncells: [{name: a}]\n")
+    line = _in_process_error(invoke("bench", *matrix, *options, "-o", str(tmp_path / "run")))
+    assert message in line
+    assert not (tmp_path / "run").exists()

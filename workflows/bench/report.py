@@ -12,7 +12,8 @@ from typing import Any, Callable, Optional
 from core.atomic import atomic_output_file, write_text_atomic
 from workflows.bench.matrix import Matrix
 
-REPORT_SCHEMA = "qserve.bench/1"
+REPORT_SCHEMA = "qserve.bench/1"  # described by report.schema.json beside this file
+SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ another here, or on a Ray cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -21,6 +22,15 @@ from workflows.bench.executors import get_executor
 from workflows.bench.matrix import Cell, Matrix
 
 SCORES_FILE = "baseline_scores.json"
+
+
+def measured_with(matrix: Matrix, cell: Cell) -> Any:
+    """What a finished cell's result depends on (its recipe, target, the model and the measurement settings), as
+    JSON reads it back: a rerun keeps the result only when this is unchanged."""
+    return json.loads(json.dumps({"model": matrix.model, "recipe": cell.recipe(), "target": cell.target,
+                                  "loadtest": cell.loadtest, "baseline": matrix.baseline,
+                                  "eval": dataclasses.asdict(matrix.eval),
+                                  "load": dataclasses.asdict(matrix.loadtest)}, default=str))
 
 
 def _ordered(matrix: Matrix) -> list[Cell]:
@@ -44,11 +54,15 @@ def run_bench(matrix: Matrix, out_dir: Path, resume: bool = True, cache_dir: Opt
     for cell in cells:
         done = read_json(cells_dir / f"{slug(cell.name)}.json") if resume else None
         if done and done.get("status") == "ok":
-            log(f"{cell.name}: finished in an earlier run, kept")
-            results[cell.name] = done
+            if done.get("measured_with") == measured_with(matrix, cell):
+                log(f"{cell.name}: finished in an earlier run, kept")
+                results[cell.name] = done
+            else:
+                log(f"{cell.name}: its recipe, target or measurement settings changed since the earlier run: redone")
     started, finished = time.perf_counter(), [0]
 
     def record(result: dict[str, Any]) -> None:
+        result["measured_with"] = measured_with(matrix, matrix.cell(result["cell"]))
         scores = result.pop("scores", None)
         if scores is not None:
             write_text_atomic(out_dir / SCORES_FILE, json.dumps(scores))
