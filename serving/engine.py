@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import httpx
 
-from serving.reaper import private_tmp_prefix
+from serving.reaper import kill_orphans_of_dead_reapers, private_tmp_prefix
 
 
 class EngineStartError(RuntimeError):
@@ -227,8 +227,9 @@ class Engine:
 
     def kill_orphans(self) -> list[int]:
         """Kills (with their process groups) engine servers still holding this engine's port after their
-        reaper was killed outright (SIGKILL leaves it no chance to clean up), so a restart can bind it."""
-        killed = []
+        reaper was killed outright (SIGKILL leaves it no chance to clean up), so a restart can bind it; and
+        whatever any dead reaper's engine left running (vLLM's renamed ``VLLM::`` processes included)."""
+        killed = kill_orphans_of_dead_reapers()
         for pid, argv in _processes():
             if (self.config.kind.module in argv and "serving.reaper" not in argv
                     and _option(argv, "--port") == str(self.config.port)

@@ -7,11 +7,15 @@ when it is told to stop (SIGTERM/SIGINT), when the command exits, and when its o
 
 The command gets a private temp dir (``TMPDIR``), removed once its group is down: vLLM leaves files there
 (``vllm_dist_*`` for torch.distributed's rendezvous), and only the reaper outlives the group in every case.
+That ``TMPDIR`` also marks every process the engine starts, whatever it renames itself to (vLLM's
+``VLLM::EngineCore``) and whatever group it is in: when the reaper itself is SIGKILLed together with the
+engine's top process, :func:`kill_orphans_of_dead_reapers` finds what is left by that mark.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -60,6 +64,47 @@ def main(argv: list[str]) -> int:
 def private_tmp_prefix(reaper_pid: int) -> str:
     """The name the reaper's private temp dir starts with: whoever killed the reaper outright can remove it."""
     return f"qserve-engine-{reaper_pid}-"
+
+
+PRIVATE_TMP = re.compile(r"qserve-engine-(\d+)-")
+
+
+def _reaper_alive(pid: int) -> bool:
+    try:
+        return b"serving.reaper" in open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return False
+
+
+def orphans_of_dead_reapers() -> dict[int, str]:
+    """``pid -> private TMPDIR`` of processes an engine left when its reaper died without cleaning up: they
+    carry a reaper's private ``TMPDIR`` and that reaper is gone (Linux ``/proc``; empty elsewhere)."""
+    found = {}
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = open(f"/proc/{entry.name}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        tmp = next((v[7:].decode(errors="replace") for v in environ if v.startswith(b"TMPDIR=")), "")
+        mark = PRIVATE_TMP.match(os.path.basename(tmp))
+        if mark and not _reaper_alive(int(mark.group(1))):
+            found[int(entry.name)] = tmp
+    return found
+
+
+def kill_orphans_of_dead_reapers() -> list[int]:
+    """SIGKILLs every process :func:`orphans_of_dead_reapers` finds and removes their private temp dirs."""
+    orphans = orphans_of_dead_reapers()
+    for pid in orphans:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for tmp in set(orphans.values()):
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(orphans)
 
 
 def _supervise(command: list[str], env: dict[str, str], stopping: list[bool]) -> int:

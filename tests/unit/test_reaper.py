@@ -94,3 +94,30 @@ def test_the_private_temp_dir_goes_even_when_the_parent_is_killed(tmp_path):
         assert _wait_gone(f"sleep {marker}") == [] and not private.exists()
     finally:
         subprocess.run(["pkill", "-f", f"sleep {marker}"], capture_output=True)
+
+
+def test_what_a_killed_reaper_and_engine_leave_is_found_and_killed():
+    """SIGKILL at once to the reaper and its command (what `kill -9` of every process naming the API server
+    does) leaves the command's child running, reparented, whatever it calls itself. The engine's private TMPDIR
+    marks it: the next start finds it and takes it down, with the temp dir (issue 22's orphaned VLLM::EngineCore)."""
+    from serving.reaper import kill_orphans_of_dead_reapers, orphans_of_dead_reapers
+
+    marker = f"{os.getpid()}94.5"
+    reaper = subprocess.Popen([sys.executable, "-m", "serving.reaper", "--", "bash", "-c",
+                               f"sleep {marker} & sleep {marker}; wait"], cwd=ROOT)
+    try:
+        _wait_started(f"sleep {marker}")
+        engine = [pid for pid, _, cmd in processes() if cmd.startswith("bash -c") and marker in cmd]
+        os.kill(reaper.pid, signal.SIGKILL)
+        os.kill(engine[0], signal.SIGKILL)
+        reaper.wait()
+        time.sleep(0.5)
+        left = {pid for pid, _, cmd in processes() if cmd == f"sleep {marker}"}
+        assert len(left) == 2  # the defect: both sleeps outlive their reaper and their parent
+        orphans = orphans_of_dead_reapers()
+        assert left <= set(orphans) and all(f"qserve-engine-{reaper.pid}-" in orphans[p] for p in left)
+        assert set(kill_orphans_of_dead_reapers()) >= left
+        assert _wait_gone(f"sleep {marker}") == []
+        assert not any(Path(orphans[p]).exists() for p in left)
+    finally:
+        subprocess.run(["pkill", "-f", f"sleep {marker}"], capture_output=True)
