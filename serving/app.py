@@ -64,7 +64,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
                 await asyncio.to_thread(pool.stop)
 
     app = Gateway(GENERATION_ROUTES, settings.max_body_bytes, title="qserve gateway", lifespan=lifespan)
-    _document_request_bodies(app)
+    _document_request_bodies(app, sorted({b.model for b in settings.backends}))
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.include_router(router)
@@ -104,8 +104,9 @@ class Gateway(FastAPI):
         await response(scope, receive, send)
 
 
-def _document_request_bodies(app: FastAPI) -> None:
-    """Adds the generation request models to the OpenAPI components (their routes parse bodies themselves)."""
+def _document_request_bodies(app: FastAPI, models: list[str]) -> None:
+    """Adds the generation request models to the OpenAPI components (their routes parse bodies themselves),
+    with ``model`` listing the names this gateway serves (any other is a 404)."""
     from serving.protocol import ChatCompletionRequest, CompletionRequest
 
     build = app.openapi
@@ -116,6 +117,7 @@ def _document_request_bodies(app: FastAPI) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for model in (CompletionRequest, ChatCompletionRequest):
                 spec = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                spec["properties"]["model"]["enum"] = models
                 components.update(spec.pop("$defs", {}))
                 components[model.__name__] = spec
             app.openapi_schema = schema

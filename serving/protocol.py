@@ -1,25 +1,39 @@
 """Request and response models of the OpenAI-compatible API.
 
 Only the fields the gateway reads are declared; everything else passes through to the engine
-unchanged (``extra="allow"``), so engine-specific options such as ``top_k`` keep working.
+unchanged (``extra="allow"``), so engine-specific options such as ``top_k`` keep working. The declared fields
+take what their JSON Schema type says and nothing else, as OpenAI's API does: ``false`` is no token id,
+``"16"`` no ``max_tokens`` and ``"true"`` no ``stream`` (an integral ``16.0`` is an integer, as JSON Schema has it).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
+
+
+def _number_only(value: Any) -> Any:
+    # pydantic's lax mode would read true as 1 and "16" as 16; JSON Schema's integer is neither
+    if isinstance(value, (bool, str)):
+        raise ValueError("must be an integer")
+    return value
+
+
+TokenId = Annotated[int, Field(ge=0), BeforeValidator(_number_only)]
+Count = Annotated[int, Field(ge=0), BeforeValidator(_number_only)]  # a number of tokens (0 is max_tokens' special case)
+Positive = Annotated[int, Field(ge=1), BeforeValidator(_number_only)]
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: Optional[bool] = None
+    include_usage: Optional[StrictBool] = None
 
 
 class _GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
 
     def generation_budget(self) -> Optional[int]:
@@ -32,9 +46,17 @@ class _GenerationRequest(BaseModel):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    echo: bool = False  # declared before max_tokens: its validator reads it
-    max_tokens: Optional[int] = Field(default=None, ge=0)
+    # the schema says what the validator below enforces, so that schema-driven clients and fuzzers generate
+    # only requests the gateway accepts: max_tokens 0 needs echo true
+    model_config = ConfigDict(extra="allow", json_schema_extra={"anyOf": [
+        {"properties": {"echo": {"const": True}}, "required": ["echo"]},
+        {"properties": {"max_tokens": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]}}}]})
+    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]] = Field(
+        description="Text, texts, token ids or lists of token ids (ids within the model's vocabulary).")
+    echo: StrictBool = False  # declared before max_tokens: its validator reads it
+    max_tokens: Optional[Count] = Field(default=None, description=(
+        "Tokens to generate: at most the model's context less the prompt (GET /v1/models gives max_model_len); "
+        "0 only with echo: true, to score the prompt."))
 
     @field_validator("max_tokens")
     @classmethod
@@ -61,8 +83,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    max_tokens: Optional[Positive] = None
+    max_completion_tokens: Optional[Positive] = None
 
     def generation_budget(self) -> Optional[int]:
         return self.max_completion_tokens or self.max_tokens

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from serving.errors import APIError
@@ -14,7 +14,13 @@ from serving.scrape import EngineScraper
 from serving.service import OpenAIProxy
 
 router = APIRouter()
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 429, 502, 503, 504)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 502, 503, 504)}
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+# a generation answers JSON, or server-sent events when the request asks to stream
+_GENERATED = {**_ERRORS, 200: {"description": "The completion; with stream: true, server-sent events ending in "
+                                              "data: [DONE] (an error after the first event is one last event)",
+                               "content": {"application/json": {"schema": {"type": "object"}},
+                                           "text/event-stream": {}}}}
 
 
 def _proxy(request: Request) -> OpenAIProxy:
@@ -42,12 +48,12 @@ async def _generate(request: Request, endpoint: str,
     return JSONResponse(await proxy.complete(endpoint, body, authorization))
 
 
-@router.post("/v1/completions", responses=_ERRORS, openapi_extra=_body_doc(CompletionRequest))
+@router.post("/v1/completions", responses=_GENERATED, openapi_extra=_body_doc(CompletionRequest))
 async def completions(request: Request) -> Response:
     return await _generate(request, "/v1/completions", CompletionRequest)
 
 
-@router.post("/v1/chat/completions", responses=_ERRORS, openapi_extra=_body_doc(ChatCompletionRequest))
+@router.post("/v1/chat/completions", responses=_GENERATED, openapi_extra=_body_doc(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     return await _generate(request, "/v1/chat/completions", ChatCompletionRequest)
 
@@ -68,7 +74,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"model": ErrorResponse}})
 async def ready(request: Request) -> dict[str, object]:
     pool = _proxy(request).pool
     states = {b.name: b.state for b in pool.backends}
@@ -77,7 +83,8 @@ async def ready(request: Request) -> dict[str, object]:
     return {"status": "ready", "backends": states}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": f"Prometheus text exposition format ({PROMETHEUS})"}})
 async def metrics(request: Request) -> Response:
     """The gateway's ``qserve_`` metrics followed by every ready engine's own, labelled by backend."""
     proxy = _proxy(request)
@@ -85,4 +92,4 @@ async def metrics(request: Request) -> Response:
         proxy.metrics.queued.labels(model).set(sum(b.admission.queued for b in replicas))
     scraper: EngineScraper = request.app.state.scraper
     engines = await scraper.exposition(proxy.pool.backends)  # before rendering: a failed scrape is counted
-    return Response(proxy.metrics.render().decode() + engines, media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(proxy.metrics.render().decode() + engines, media_type=PROMETHEUS)

@@ -43,6 +43,9 @@ def make_fake_engine() -> FastAPI:
         if prompt == "SLOW":
             await asyncio.sleep(5)
         n = body.get("max_tokens") or 4
+        if not isinstance(n, int) or n > 4096:  # as vLLM refuses what exceeds the context
+            return JSONResponse({"error": {"message": f"max_tokens {n!r} is too large", "type": "BadRequestError",
+                                           "param": "max_tokens", "code": 400}}, status_code=400)
         usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
         if not body.get("stream"):
             return {"id": "x", "object": "text_completion", "model": body.get("model"), "usage": usage,
@@ -66,6 +69,28 @@ def make_fake_engine() -> FastAPI:
                 yield _chunk(i, " tok", body.get("model"))
             if (body.get("stream_options") or {}).get("include_usage"):
                 yield "data: " + json.dumps({"id": "x", "choices": [], "usage": usage}) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        n = body.get("max_completion_tokens") or body.get("max_tokens") or 4
+        if not isinstance(n, int) or n > 4096:
+            return JSONResponse({"error": {"message": f"max_tokens {n!r} is too large", "type": "BadRequestError",
+                                           "param": "max_tokens", "code": 400}}, status_code=400)
+        usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+        if not body.get("stream"):
+            return {"id": "x", "object": "chat.completion", "model": body.get("model"), "usage": usage,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": " tok" * n},
+                                 "finish_reason": "length"}]}
+
+        async def events():
+            for i in range(n):
+                delta = {"id": "x", "object": "chat.completion.chunk", "model": body.get("model"),
+                         "choices": [{"index": 0, "delta": {"content": " tok"}, "finish_reason": None}]}
+                yield "data: " + json.dumps(delta) + "\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

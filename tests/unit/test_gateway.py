@@ -178,3 +178,34 @@ def test_zero_max_tokens_is_accepted_only_to_score_the_prompt(gateway):
     resp = gateway.post("/v1/chat/completions", json={"model": "fake", "max_tokens": 0,
                                                       "messages": [{"role": "user", "content": "x"}]})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "fake", "prompt": [False]}, "prompt"),  # read as token id 0 before: found by the fuzz test
+    ({"model": "fake", "prompt": [-1]}, "prompt"),
+    ({"model": "fake", "prompt": "x", "stream": "true"}, "stream"),
+    ({"model": "fake", "prompt": "x", "max_tokens": "16"}, "max_tokens"),
+    ({"model": "fake", "prompt": "x", "max_tokens": True}, "max_tokens"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_tokens": "2"}, "max_tokens"),
+])
+def test_fields_take_only_their_json_type(gateway, body, param):
+    endpoint = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    resp = gateway.post(endpoint, json=body)
+    assert resp.status_code == 400, resp.text
+    _assert_envelope(resp.json(), "invalid_request_error")
+    assert resp.json()["error"]["param"].startswith(param)
+
+
+def test_an_integral_float_is_an_integer_as_json_schema_has_it(gateway):
+    resp = gateway.post("/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 3.0})
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
+
+
+def test_the_openapi_document_says_what_the_gateway_does(gateway):
+    spec = gateway.get("/openapi.json").json()
+    completion = spec["components"]["schemas"]["CompletionRequest"]
+    assert completion["properties"]["model"]["enum"] == ["dead", "fake"]  # the served names: fuzzers reach engines
+    assert {"properties": {"echo": {"const": True}}, "required": ["echo"]} in completion["anyOf"]  # max_tokens 0
+    assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert set(spec["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]) == {
+        "application/json", "text/event-stream"}
