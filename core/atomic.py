@@ -1,9 +1,14 @@
-"""Atomic output directories and files: a failed write leaves nothing behind, an existing output stays intact."""
+"""Atomic output directories and files: a failed write leaves nothing behind, an existing output stays intact.
+
+The temporary beside the output is named after the process writing it (``.NAME.tmp-PID-…``): a process killed
+outright (SIGKILL, out of memory) cannot remove it, so the next write of the same output removes the ones whose
+process is gone."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,11 +28,39 @@ def writable_output(out: Path, force: bool) -> Path:
     return out
 
 
+def _temp_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Removes what killed writers of ``out`` left beside it (their process is gone); returns what it removed."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-(\d+)-")
+    stale = [p for p in out.parent.glob(f".{out.name}.tmp-*")
+             if (m := pattern.match(p.name)) and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Yields a temporary directory beside ``out`` that becomes ``out`` only if the block succeeds."""
     out = writable_output(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
@@ -43,7 +76,8 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
 def atomic_output_file(out: Path, force: bool = False) -> Iterator[Path]:
     """Yields a temporary path beside ``out`` that becomes ``out`` only if the block succeeds."""
     out = writable_output(out, force)
-    handle, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    remove_stale_temporaries(out)
+    handle, name = tempfile.mkstemp(prefix=_temp_prefix(out), dir=out.parent)
     os.close(handle)
     tmp = Path(name)
     try:

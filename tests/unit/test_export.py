@@ -123,3 +123,21 @@ def test_inspect_reads_the_gptq_layout_too(tiny, tmp_path):
     # per weight: 4 bits, a 16-bit scale and a 4-bit zero point per 64, a 32-bit g_idx per input column (128 outputs)
     q_proj = {g.module: g for g in gptq_report.groups}["self_attn.q_proj"]
     assert q_proj.bits_per_weight == pytest.approx(4 + 16 / 64 + 4 / 64 + 32 / 128)
+
+
+def test_temporaries_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    import os
+    import subprocess
+
+    from core.atomic import atomic_output_dir
+
+    gone = subprocess.Popen(["true"])  # a writer that has exited: its pid names a process that is gone
+    gone.wait()
+    stale = tmp_path / f".out.tmp-{gone.pid}-abc"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".out.tmp-{os.getppid()}-def"  # a writer still running (this test's parent)
+    live.mkdir()
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "qserve.json").write_text("{}")
+    assert not stale.exists() and live.exists() and (tmp_path / "out" / "qserve.json").exists()
