@@ -23,6 +23,11 @@ def _chunk(i: int, text: str, model: str = "fake") -> str:
 
 def make_fake_engine() -> FastAPI:
     app = FastAPI()
+    app.state.open_streams = 0  # streams being sent: back to 0 once every client (the gateway) has gone
+
+    @app.get("/debug/open_streams")
+    async def open_streams():
+        return {"open": app.state.open_streams}
 
     @app.get("/health")
     async def health():
@@ -52,6 +57,14 @@ def make_fake_engine() -> FastAPI:
                     "choices": [{"index": 0, "text": " tok" * n, "finish_reason": "length"}]}
 
         async def events():
+            app.state.open_streams += 1
+            try:
+                async for event in _events():
+                    yield event
+            finally:
+                app.state.open_streams -= 1
+
+        async def _events():
             if prompt == "GARBLED":
                 yield _chunk(0, " tok")
                 yield 'data: {"usage": {broken\n\n'

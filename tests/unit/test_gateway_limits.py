@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+import time
 
 import httpx
 import pytest
@@ -125,3 +126,43 @@ def test_slots_come_back_after_streams_and_disconnects(engine_url):
         assert post(url).status_code == 200
         metrics = httpx.get(f"{url}/metrics").text
     assert 'qserve_requests_in_flight{model="fake"} 0.0' in metrics
+
+
+async def _storm(url: str, clients: int, seed: int) -> list[int]:
+    """``clients`` streams at once, each leaving after a random number of events (at least the first)."""
+    import random
+
+    import aiohttp
+
+    rng = random.Random(seed)
+
+    async def one(leave_after: int) -> int:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{url}/v1/completions", json={
+                    "model": "fake", "prompt": "DRIP", "max_tokens": 40, "stream": True}) as resp:
+                seen = 0
+                async for line in resp.content:
+                    if line.startswith(b"data: "):
+                        seen += 1
+                        if seen >= leave_after:
+                            break  # leaving the block closes the connection mid-stream
+                return resp.status
+
+    return await asyncio.gather(*(one(rng.randint(0, 39)) for _ in range(clients)))
+
+
+def test_a_disconnect_storm_gives_every_slot_back(engine_url):
+    """100 clients leave their streams at random points: the gateway's in-flight count and the engine's open
+    streams return to 0, and every admission slot serves again."""
+    with gateway(engine_url, admission=AdmissionLimits(max_in_flight=100, max_queue=0), request_timeout_s=30) as url:
+        statuses = asyncio.run(_storm(url, 100, seed=0))
+        assert statuses == [200] * 100
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (
+                'qserve_requests_in_flight{model="fake"} 0.0' not in httpx.get(f"{url}/metrics").text
+                or httpx.get(f"{engine_url}/debug/open_streams").json()["open"]):
+            time.sleep(0.2)
+        assert 'qserve_requests_in_flight{model="fake"} 0.0' in httpx.get(f"{url}/metrics").text
+        assert httpx.get(f"{engine_url}/debug/open_streams").json()["open"] == 0
+        full = asyncio.run(_storm(url, 100, seed=1))  # all 100 slots again, none refused
+        assert full == [200] * 100
