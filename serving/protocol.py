@@ -35,6 +35,8 @@ class _GenerationRequest(BaseModel):
     model: str = Field(min_length=1)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
+    # OpenAI's bound: more choices than this is a request no engine should be asked to allocate
+    n: Optional[Annotated[int, Field(ge=1, le=128), BeforeValidator(_number_only)]] = None
 
     def generation_budget(self) -> Optional[int]:
         """The most tokens the request may generate, where it says."""

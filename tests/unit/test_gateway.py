@@ -187,6 +187,7 @@ def test_zero_max_tokens_is_accepted_only_to_score_the_prompt(gateway):
     ({"model": "fake", "prompt": "x", "max_tokens": "16"}, "max_tokens"),
     ({"model": "fake", "prompt": "x", "max_tokens": True}, "max_tokens"),
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_tokens": "2"}, "max_tokens"),
+    ({"model": "fake", "prompt": "x", "n": 10**9}, "n"),  # OpenAI's bound is 128: found by benchmarks/reliability.py
 ])
 def test_fields_take_only_their_json_type(gateway, body, param):
     endpoint = "/v1/chat/completions" if "messages" in body else "/v1/completions"
