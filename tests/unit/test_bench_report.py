@@ -88,7 +88,7 @@ def test_llmc_findings_verdicts_follow_the_numbers(tmp_path):
         {"token_kl": {"wikitext2_valid": 0.2, "lambada": 0.9}, "simulated_kv": {"bf16": 22.0, "kivi4": 22.5, "kivi2": 30.0}}))
     held = compute_findings(matrix, _llmc_rows(bf16=22.0, w4_gptq=24.0, w4_gptq_lambada=24.5, w3_awq_sym=40.0,
                                                w3_awq_asym=35.0, w4_awq=24.2, w4_awq_gptq=23.8, w4_rotate_rtn=26.0,
-                                               w4_rotate_gptq=24.1, w3_rtn=50.0, w3_rtn_down8=42.0, w3_rtn_up8=45.0,
+                                               w4_rotate_gptq=24.1, w3_rtn=50.0, w3_rtn_down8=42.0, w3_rtn_attn8=45.0,
                                                kv_fp8=22.5), tmp_path)
     assert [f["verdict"] for f in held] == ["reproduced"] * 5 + ["not measured", "reproduced"]
     failed = compute_findings(matrix, _llmc_rows(w4_gptq=25.0, w4_gptq_lambada=24.0, w3_rtn_down8=46.0), tmp_path)

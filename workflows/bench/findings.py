@@ -103,9 +103,9 @@ def _combined(rows: Rows, extras: dict[str, Any]) -> tuple[str, Optional[bool]]:
 
 
 def _down_proj(rows: Rows, extras: dict[str, Any]) -> tuple[str, Optional[bool]]:
-    uniform, down, up = _get(rows, "w3-rtn"), _get(rows, "w3-rtn-down8"), _get(rows, "w3-rtn-up8")
-    return (f"W3 RTN g64: uniform {uniform:.3f}; down_proj at 8 bits {down:.3f}; up_proj at 8 bits (same bits) "
-            f"{up:.3f}", down < up < uniform)
+    uniform, down, attn = _get(rows, "w3-rtn"), _get(rows, "w3-rtn-down8"), _get(rows, "w3-rtn-attn8")
+    return (f"W3 RTN g64: uniform {uniform:.3f}; down_proj at 8 bits {down:.3f}; q/k/v/o_proj at 8 bits (as many "
+            f"weights) {attn:.3f}", down < attn < uniform)
 
 
 def _w8a8_speed(rows: Rows, extras: dict[str, Any]) -> tuple[str, Optional[bool]]:
