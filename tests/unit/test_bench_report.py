@@ -40,11 +40,13 @@ def _row(cell, ppl_change, decode, size, status="ok"):
 
 def test_ranking_keeps_cells_within_the_constraints_fastest_first():
     rows = [_row("bf16", 0.0, 28.0, 258), _row("w8", 0.01, 35.0, 160), _row("w4", 0.05, 40.0, 90),
-            _row("w4-gptq", 0.015, 35.0, 90), _row("broken", None, None, None, status="failed")]
+            _row("w4-gptq", 0.015, 35.0, 90), _row("broken", None, None, None, status="failed"),
+            _row("w3-dequantized", 0.3, None, 258)]
     ranking = rank(rows, Constraints.parse("2%", 30))
     assert [r["cell"] for r in ranking["ranked"]] == ["w4-gptq", "w8"]  # same speed: the smaller first
     why = {e["cell"]: e["why"] for e in ranking["excluded"]}
-    assert set(why) == {"bf16", "w4"} and "decode 28.0 tok/s" in why["bf16"][0] and "+5.00%" in why["w4"][0]
+    assert set(why) == {"bf16", "w4", "w3-dequantized"} and "decode 28.0 tok/s" in why["bf16"][0]
+    assert "+5.00%" in why["w4"][0] and why["w3-dequantized"][0] == "no speed measured (loadtest: false)"
     assert [r["cell"] for r in rank(rows, Constraints())["ranked"]] == ["w4", "w4-gptq", "w8", "bf16"]
 
 

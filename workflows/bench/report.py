@@ -59,19 +59,19 @@ class Constraints:
         return Constraints(limit, min_decode_tok_s)
 
     def violations(self, row: dict[str, Any]) -> list[str]:
-        found = []
+        found = [] if row.get("decode_tok_s") is not None else ["no speed measured (loadtest: false)"]
         if self.max_ppl_increase is not None and (row.get("ppl_change") is None
                                                   or row["ppl_change"] > self.max_ppl_increase):
             found.append(f"perplexity {row.get('ppl_change', float('nan')):+.2%} over the baseline "
                          f"(at most {self.max_ppl_increase:+.2%})")
-        if self.min_decode_tok_s is not None and (row.get("decode_tok_s") or 0) < self.min_decode_tok_s:
+        if self.min_decode_tok_s is not None and (row.get("decode_tok_s") or 0) < self.min_decode_tok_s and not found:
             found.append(f"decode {row.get('decode_tok_s') or 0:.1f} tok/s (at least {self.min_decode_tok_s:g})")
         return found
 
 
 def rank(rows: list[dict[str, Any]], constraints: Constraints) -> dict[str, Any]:
-    """The finished cells that meet the constraints, fastest single-stream decode first (then smallest), and
-    the others with what they missed."""
+    """The finished cells with a measured speed that meet the constraints, fastest single-stream decode first
+    (then smallest), and the others with what they missed."""
     ok = [r for r in rows if r.get("status") == "ok"]
     eligible = sorted((r for r in ok if not constraints.violations(r)),
                       key=lambda r: (-(r.get("decode_tok_s") or 0.0), r.get("size_mib") or 0.0))
