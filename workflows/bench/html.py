@@ -69,7 +69,8 @@ def _latency(rows: list[dict[str, Any]], axes: Any) -> bool:
 
 
 def _layers(rows: list[dict[str, Any]], axes: Any) -> bool:
-    rows = [r for r in _measured(rows, "layers") if r["layers"]]
+    # a cell whose layers quantized no linear (a KV-cache-only recipe) has nothing to draw
+    rows = [r for r in _measured(rows, "layers") if any(layer["output_rel_error"] for layer in r["layers"])]
     for r in rows:
         layers = sorted(r["layers"], key=lambda layer: layer["index"])
         index = [layer["index"] for layer in layers]
