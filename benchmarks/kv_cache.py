@@ -13,7 +13,6 @@ bf16 and W8A8 weights.
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ def _served(base: Path, kv: Path, windows: int, logs: Path) -> list[dict]:
     from core.data import data_file
     from serving.launcher import GatewayProcess
     from serving.server import free_port
+    from workflows.bench.measure import kv_cache_tokens
 
     text, rows, gateways = data_file("wikitext2-test.raw"), [], {}
     try:
@@ -48,8 +48,7 @@ def _served(base: Path, kv: Path, windows: int, logs: Path) -> list[dict]:
                                       progress=False)
             agree = endpoint_agreement(gateway.url, gateways["bf16-kv"].url, text, str(base), name, "bf16-kv",
                                        seq_len=1024, max_windows=2 * windows, progress=False)
-            engine_log = Path(re.search(r"\(log: (\S+)\)", gateway.log_path.read_text()).group(1)).read_text()
-            tokens = int(re.search(r"KV cache size: ([\d,]+) tokens", engine_log).group(1).replace(",", ""))
+            tokens = kv_cache_tokens(gateway.log_path)
             rows.append({"weights": "w8a8", "kv": name.removesuffix("-kv"), "how": "served (vLLM-CPU)",
                          "ppl": ppl["token_perplexity"], "top1": agree["top1_agreement"], "kl": agree["mean_kl"],
                          "cache_tokens": tokens})

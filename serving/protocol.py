@@ -20,9 +20,13 @@ def _number_only(value: Any) -> Any:
     return value
 
 
-TokenId = Annotated[int, Field(ge=0), BeforeValidator(_number_only)]
-Count = Annotated[int, Field(ge=0), BeforeValidator(_number_only)]  # a number of tokens (0 is max_tokens' special case)
-Positive = Annotated[int, Field(ge=1), BeforeValidator(_number_only)]
+def _integer(ge: int, le: Optional[int] = None) -> Any:
+    """A JSON integer in [ge, le]. The bounds sit beside the validator, not on top of it, so that the JSON
+    Schema says ``minimum`` / ``maximum`` (a constraint on the annotated type comes out as a bare ``ge``)."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_number_only)]
+
+
+TokenId = _integer(0)
 
 
 class StreamOptions(BaseModel):
@@ -36,7 +40,7 @@ class _GenerationRequest(BaseModel):
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     # OpenAI's bound: more choices than this is a request no engine should be asked to allocate
-    n: Optional[Annotated[int, Field(ge=1, le=128), BeforeValidator(_number_only)]] = None
+    n: Optional[_integer(1, 128)] = None
 
     def generation_budget(self) -> Optional[int]:
         """The most tokens the request may generate, where it says."""
@@ -56,7 +60,7 @@ class CompletionRequest(_GenerationRequest):
     prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]] = Field(
         description="Text, texts, token ids or lists of token ids (ids within the model's vocabulary).")
     echo: StrictBool = False  # declared before max_tokens: its validator reads it
-    max_tokens: Optional[Count] = Field(default=None, description=(
+    max_tokens: Optional[_integer(0)] = Field(default=None, description=(
         "Tokens to generate: at most the model's context less the prompt (GET /v1/models gives max_model_len); "
         "0 only with echo: true, to score the prompt."))
 
@@ -85,8 +89,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[Positive] = None
-    max_completion_tokens: Optional[Positive] = None
+    max_tokens: Optional[_integer(1)] = None
+    max_completion_tokens: Optional[_integer(1)] = None
 
     def generation_budget(self) -> Optional[int]:
         return self.max_completion_tokens or self.max_tokens

@@ -182,7 +182,15 @@ def compute_findings(matrix: Any, rows: list[dict[str, Any]], out_dir: Path,
     return table
 
 
+FINDINGS_HEADER = ["#", "finding", "paper's evidence", "measured here", "verdict"]
+
+
+def findings_rows(table: list[dict[str, Any]]) -> list[list[str]]:
+    """The findings as the Markdown and HTML tables show them."""
+    return [[str(f["id"]), f["finding"], f["evidence"], f["measured"], f["verdict"]] for f in table]
+
+
 def findings_markdown(table: list[dict[str, Any]]) -> str:
-    lines = ["| # | finding | paper's evidence | measured here | verdict |", "|---|---|---|---|---|"]
-    lines += [f"| {f['id']} | {f['finding']} | {f['evidence']} | {f['measured']} | {f['verdict']} |" for f in table]
-    return "\n".join(lines)
+    from loadtest.report import markdown
+
+    return markdown(FINDINGS_HEADER, findings_rows(table))

@@ -131,28 +131,21 @@ def _table(headers: list[str], body: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
-def _cell_text(row: dict[str, Any], column: Any) -> str:
-    value = row.get(column.key)
-    return column.fmt.format(value) if value is not None else ""
-
-
 def write_html(report: dict[str, Any], columns: list[Any], out_dir: Path) -> Path:
     """Writes ``report.html`` and its plots; returns its path."""
+    from workflows.bench.findings import FINDINGS_HEADER, findings_rows
+    from workflows.bench.report import RANKING_HEADER, ranking_rows
+
     plots = write_plots(report, out_dir)
     parts = [f"<h1>qserve bench: {html.escape(report['model'])}</h1>",
              f"<p>baseline: {html.escape(report['baseline'])}</p>",
-             _table([c.title for c in columns], [[_cell_text(r, c) for c in columns] for r in report["rows"]])]
+             _table([c.title for c in columns], [[c.text(r) for c in columns] for r in report["rows"]])]
     ranking = report["ranking"]
     parts += ["<h2>Ranking</h2>", f"<p>constraints: {html.escape(str(ranking['constraints']))}; order: "
-              f"{html.escape(ranking['order'])}</p>",
-              _table(["rank", "cell", "decode tok/s", "MiB", "ppl vs baseline"],
-                     [[str(r["rank"]), r["cell"], f"{r['decode_tok_s'] or 0:.1f}", f"{r['size_mib'] or 0:.1f}",
-                       f"{r['ppl_change']:+.2%}" if r["ppl_change"] is not None else ""] for r in ranking["ranked"]])]
+              f"{html.escape(ranking['order'])}</p>", _table(RANKING_HEADER, ranking_rows(ranking))]
     parts += [f"<p>not ranked: {html.escape(e['cell'])}: {html.escape('; '.join(e['why']))}</p>" for e in ranking["excluded"]]
     if report.get("findings"):
-        parts += ["<h2>Findings</h2>", _table(["#", "finding", "paper's evidence", "measured here", "verdict"],
-                                              [[str(f["id"]), f["finding"], f["evidence"], f["measured"], f["verdict"]]
-                                               for f in report["findings"]])]
+        parts += ["<h2>Findings</h2>", _table(FINDINGS_HEADER, findings_rows(report["findings"]))]
     parts += [f"<h2>{html.escape(title)}</h2><img src=\"{FILES}/{path.name}\" alt=\"{html.escape(title)}\">"
               for title, path in plots]
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from core.atomic import atomic_output_file, write_text_atomic
+from loadtest.report import markdown
 from workflows.bench.matrix import Matrix
 
 REPORT_SCHEMA = "qserve.bench/1"  # described by report.schema.json beside this file
@@ -21,6 +22,11 @@ class Column:
     key: str
     title: str
     fmt: str
+
+    def text(self, row: dict[str, Any]) -> str:
+        """The row's value as the tables show it ("" where it was not measured)."""
+        value = row.get(self.key)
+        return self.fmt.format(value) if value is not None else ""
 
 
 COLUMNS = [Column("cell", "cell", "{}"), Column("status", "status", "{}"), Column("target", "target", "{}"),
@@ -104,20 +110,21 @@ def _columns(rows: list[dict[str, Any]]) -> list[Column]:
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[Column]) -> str:
-    lines = ["| " + " | ".join(c.title for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(c.fmt.format(row[c.key]) if row.get(c.key) is not None else ""
-                                      for c in columns) + " |")
-    return "\n".join(lines)
+    return markdown([c.title for c in columns], [[c.text(row) for c in columns] for row in rows])
+
+
+RANKING_HEADER = ["rank", "cell", "decode tok/s", "MiB", "ppl vs baseline"]
+
+
+def ranking_rows(ranking: dict[str, Any]) -> list[list[str]]:
+    """The ranked cells as the Markdown and HTML tables show them."""
+    return [[str(r["rank"]), r["cell"], f"{r['decode_tok_s'] or 0:.1f}", f"{r['size_mib'] or 0:.1f}",
+             f"{r['ppl_change']:+.2%}" if r["ppl_change"] is not None else ""] for r in ranking["ranked"]]
 
 
 def ranking_markdown(ranking: dict[str, Any]) -> str:
-    lines = ["| rank | cell | decode tok/s | MiB | ppl vs baseline |", "|---|---|---|---|---|"]
-    for r in ranking["ranked"]:
-        change = f"{r['ppl_change']:+.2%}" if r["ppl_change"] is not None else ""
-        lines.append(f"| {r['rank']} | {r['cell']} | {r['decode_tok_s'] or 0:.1f} | {r['size_mib'] or 0:.1f} | {change} |")
-    lines += [f"\nnot ranked: {e['cell']}: {'; '.join(e['why'])}" for e in ranking["excluded"]]
-    return "\n".join(lines)
+    excluded = [f"\nnot ranked: {e['cell']}: {'; '.join(e['why'])}" for e in ranking["excluded"]]
+    return "\n".join([markdown(RANKING_HEADER, ranking_rows(ranking)), *excluded])
 
 
 def write_reports(matrix: Matrix, results: dict[str, dict[str, Any]], out_dir: Path,

@@ -74,11 +74,15 @@ def run_bench(matrix: Matrix, out_dir: Path, resume: bool = True, cache_dir: Opt
         log(f"{result['cell']}: {result['status']} in {result['seconds']:.0f} s; {len(results)}/{len(cells)} cells "
             f"done" + (f", about {eta / 60:.0f} min left" if left else ""))
 
-    todo = [c for c in cells if c.name not in results]
-    jobs = [CellJob(matrix, c, out_dir, cache_dir, index=cells.index(c) + 1, total=len(cells)) for c in todo]
-    if jobs and jobs[0].cell.name == matrix.baseline:  # the others need its scores: it runs alone, first
-        run([jobs.pop(0)], record, log)
-    baseline = read_json(out_dir / SCORES_FILE) if results.get(matrix.baseline, {}).get("status") == "ok" else None
-    if jobs:
-        run([CellJob(j.matrix, j.cell, j.out_dir, j.cache_dir, baseline, j.index, j.total) for j in jobs], record, log)
+    jobs = [CellJob(matrix, c, out_dir, cache_dir, index=i, total=len(cells))
+            for i, c in enumerate(cells, 1) if c.name not in results]
+    try:
+        if jobs and jobs[0].cell.name == matrix.baseline:  # the others need its scores: it runs alone, first
+            run([jobs.pop(0)], record, log)
+        ok = results.get(matrix.baseline, {}).get("status") == "ok"
+        baseline = read_json(out_dir / SCORES_FILE) if ok else None
+        if jobs:
+            run([dataclasses.replace(j, baseline_scores=baseline) for j in jobs], record, log)
+    finally:
+        getattr(run, "close", lambda: None)()  # a Ray executor disconnects from its cluster
     return write_reports(matrix, results, out_dir, constraints, log)
