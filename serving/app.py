@@ -61,7 +61,9 @@ def build_app(settings: GatewaySettings) -> FastAPI:
                 yield
             finally:
                 starter.cancel()
+                settings.log("gateway stopping: stopping its engines")
                 await asyncio.to_thread(pool.stop)
+                settings.log("gateway stopped")
 
     app = Gateway(GENERATION_ROUTES, settings.max_body_bytes, title="qserve gateway", lifespan=lifespan)
     _document_request_bodies(app, sorted({b.model for b in settings.backends}))

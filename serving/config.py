@@ -3,7 +3,7 @@
     host: 0.0.0.0
     port: 8000
     api_keys: keys.yaml            # or `keys:` with the key file's entries inline
-    limits: {max_in_flight: 256, max_queue: 512, queue_timeout_s: 60}
+    limits: {max_in_flight: 256, max_queue: 512, queue_timeout_s: 60, client_timeout_s: 60}
     models:
       - name: smollm2-w8a8
         checkpoint: build/demo/smollm2-w8a8   # launched and supervised by the gateway
@@ -88,6 +88,7 @@ class LimitsSpec(BaseModel):
     max_in_flight: Optional[int] = Field(default=256, ge=1)
     max_queue: int = Field(default=512, ge=0)
     queue_timeout_s: float = Field(default=60.0, gt=0)
+    client_timeout_s: float = Field(default=60.0, gt=0)  # to send a request; to resume reading a stalled stream
 
 
 class GatewayConfig(BaseModel):

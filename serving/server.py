@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 from core.models import cache_root, resolve_model
 from serving.app import GatewaySettings, build_app
+from serving.client_timeouts import timed_protocol
 from serving.config import GatewayConfig, build_backends
 from serving.engine import free_port
 from serving.keys import KeyRing
@@ -53,7 +54,9 @@ def serve(config: GatewayConfig, log: Callable[[str], None] = print) -> None:
 
     settings = GatewaySettings(backends=backends, on_fatal=on_fatal, on_ready=on_ready, log=log, keys=keys,
                                admission=config.admission, max_body_bytes=config.max_body_bytes)
-    server = uvicorn.Server(uvicorn.Config(build_app(settings), log_level="warning", timeout_graceful_shutdown=10))
+    timeout = config.limits.client_timeout_s
+    server = uvicorn.Server(uvicorn.Config(build_app(settings), log_level="warning", timeout_graceful_shutdown=10,
+                                           http=timed_protocol(read_s=timeout, write_s=timeout)))
     log(f"gateway listening on http://{config.host}:{config.port} (ready once every engine is up: GET /ready)")
     try:
         server.run(sockets=[sock])

@@ -7,7 +7,7 @@ import contextlib
 import json
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -79,7 +79,8 @@ def make_fake_engine() -> FastAPI:
                     await asyncio.sleep(0.02)
                 if prompt == "CRASH" and i == 2:
                     return  # the engine dies mid-stream: no [DONE]
-                yield _chunk(i, " tok", body.get("model"))
+                # BIG: 4 KB a token, more than the socket buffers between a client that stops reading and us hold
+                yield _chunk(i, " tok" * (1000 if prompt == "BIG" else 1), body.get("model"))
             if (body.get("stream_options") or {}).get("include_usage"):
                 yield "data: " + json.dumps({"id": "x", "choices": [], "usage": usage}) + "\n\n"
             yield "data: [DONE]\n\n"
@@ -119,10 +120,11 @@ def running_fake_engine() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def running_app(app: FastAPI) -> Iterator[str]:
-    """Serves ``app`` with uvicorn on a free loopback port in a thread; yields its base URL."""
+def running_app(app: FastAPI, **config: Any) -> Iterator[str]:
+    """Serves ``app`` with uvicorn (``config``: more of ``uvicorn.Config``'s arguments) on a free loopback port
+    in a thread; yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -32,11 +32,10 @@ def test_a_quantization_killed_at_random_points_leaves_nothing_half_written(tmp_
     for _ in range(5):  # from the imports to the last file written
         proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.3, 1.0) * duration)
-        finished = proc.poll() is not None
         proc.kill()
         proc.wait()
-        if out.exists():  # it finished before the kill: then it is whole
-            assert finished and json.loads((out / "qserve.json").read_text())["quantized_layers"] == 14
+        if out.exists():  # it was moved into place before the kill (maybe while the process exited): it is whole
+            assert json.loads((out / "qserve.json").read_text())["quantized_layers"] == 14
             shutil.rmtree(out)
         else:
             killed_inside += 1
