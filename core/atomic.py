@@ -7,6 +7,7 @@ process is gone."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -17,6 +18,39 @@ from typing import Iterator
 
 class OutputExistsError(FileExistsError):
     """The output directory exists and overwriting was not asked for."""
+
+
+class OutputSpaceError(OSError):
+    """The output's file system has too little space for it (checked up front, or it ran out while writing)."""
+
+
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _free_mib(folder: Path) -> float:
+    return shutil.disk_usage(folder).free / 2**20
+
+
+def check_free_space(out: Path, needed_bytes: int, what: str) -> None:
+    """Refuses, before any heavy work, an output that will not fit where it goes (``needed_bytes``: an estimate
+    of the most it will occupy while it is written)."""
+    folder = next(p for p in [Path(out).absolute(), *Path(out).absolute().parents] if p.exists())
+    if needed_bytes > shutil.disk_usage(folder).free:
+        raise OutputSpaceError(f"{what} needs about {needed_bytes / 2**20:.0f} MiB and {folder} has "
+                               f"{_free_mib(folder):.0f} MiB free; free some space or choose another -o")
+
+
+@contextlib.contextmanager
+def _space_errors(out: Path) -> Iterator[None]:
+    """A full disk or quota while ``out`` is written, as one line that says so (the caller removes the rest)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in OUT_OF_SPACE:
+            raise
+        raise OutputSpaceError(f"no space left on the device of {out.parent} while writing {out.name} "
+                               f"({_free_mib(out.parent):.0f} MiB free); nothing was kept: free some space or "
+                               f"choose another -o") from None
 
 
 def writable_output(out: Path, force: bool) -> Path:
@@ -62,7 +96,8 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     try:
-        yield tmp
+        with _space_errors(out):
+            yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
         if out.exists():
             shutil.rmtree(out)
@@ -81,7 +116,8 @@ def atomic_output_file(out: Path, force: bool = False) -> Iterator[Path]:
     os.close(handle)
     tmp = Path(name)
     try:
-        yield tmp
+        with _space_errors(out):
+            yield tmp
         tmp.chmod(0o644)  # mkstemp makes it private; a model file is meant to be shared
         os.replace(tmp, out)
     finally:

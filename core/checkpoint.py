@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from core.client import EndpointError
 from core.models import ModelError
@@ -31,7 +32,50 @@ def weight_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ModelError(f"{model_dir} has no .safetensors weights; convert the checkpoint to safetensors first")
+    for path in files:
+        check_safetensors(path)
     return files
+
+
+def check_safetensors(path: Path) -> None:
+    """A clear error, before any heavy work, for a weight file that is truncated or corrupt: the safetensors
+    library checks that its header parses and that its tensors' byte ranges cover the file exactly."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); it is truncated "
+                         f"or corrupt: download or convert it again") from None
+
+
+def check_weights_fit_config(model: "torch.nn.Module", shapes: dict[str, list[int]], model_dir: Path) -> None:
+    """A clear error when ``config.json`` does not describe the weights beside it (``model``: built from the
+    config on the meta device; ``shapes``: the weight files' tensor shapes): another number of decoder layers,
+    or a tensor of another shape. Names the model and its checkpoint both use are compared; transformers may
+    rename others on loading (GPT-NeoX's ``embed_out`` is its ``lm_head``)."""
+    expected = {name: list(p.shape) for name, p in model.named_parameters()}
+    wrong = [f"{n} is {shapes[n]} in the weights, {expected[n]} by the config" for n in expected
+             if n in shapes and shapes[n] != expected[n]]
+    layers_by_config, layers_in_weights = _layer_counts(expected), _layer_counts(shapes)
+    for stack in sorted(set(layers_by_config) & set(layers_in_weights)):
+        if layers_by_config[stack] != layers_in_weights[stack]:
+            wrong.insert(0, f"it gives {stack} {layers_by_config[stack]} layers, the weights hold "
+                            f"{layers_in_weights[stack]}")
+    if wrong:
+        raise ModelError(f"{model_dir}/config.json does not match its weights: {wrong[0]}; use the config.json "
+                         f"the weights were saved with")
+
+
+def _layer_counts(names: Iterable[str]) -> dict[str, int]:
+    """``stack -> layers`` for the numbered stacks among tensor names (``model.layers`` -> 1 + highest index)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        found = re.match(r"(.*?\.layers)\.(\d+)\.", name)
+        if found:
+            counts[found.group(1)] = max(counts.get(found.group(1), 0), int(found.group(2)) + 1)
+    return counts
 
 
 def load_tokenizer(source: str):

@@ -20,7 +20,7 @@ class OptionError(ValueError):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The error types whose message is meant for the user as it is (each says how to fix it)."""
-    from core.atomic import OutputExistsError
+    from core.atomic import OutputExistsError, OutputSpaceError
     from core.models import ModelError
     from core.client import EndpointError
     from loadtest.workloads import WorkloadError
@@ -36,9 +36,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from workflows.bench.matrix import MatrixError
     from workflows.bench.report import ConstraintError
 
-    return (OptionError, OutputExistsError, ModelError, EndpointError, MethodError, SchemeError, CalibrationError,
-            EngineStartError, ServeError, FileNotFoundError, TaskError, WorkloadError, KeyFileError, ConfigError,
-            MatrixError, ExecutorError, ConstraintError)
+    return (OptionError, OutputExistsError, OutputSpaceError, ModelError, EndpointError, MethodError, SchemeError,
+            CalibrationError, EngineStartError, ServeError, FileNotFoundError, TaskError, WorkloadError, KeyFileError,
+            ConfigError, MatrixError, ExecutorError, ConstraintError)
 
 
 def user_errors(fn: F) -> F:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -19,9 +20,10 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from core.progress import progress as progress_bar
-from core.checkpoint import AUX_FILES, iter_tensors, layer_loader, qserve_version, weight_files
+from core.checkpoint import (AUX_FILES, check_weights_fit_config, iter_tensors, layer_loader, qserve_version,
+                             weight_files)
 from exporters import compressed_tensors
-from core.atomic import atomic_output_dir
+from core.atomic import atomic_output_dir, check_free_space
 from core.models import ModelError
 from core.shards import ShardWriter
 from quantize.calibration import CalibrationSpec, load_calibration
@@ -86,6 +88,28 @@ def _scale_dtype(files: list[Path], weights: list[str]) -> str:
         with safe_open(str(path), framework="pt") as f:
             found.update(f.get_slice(k).get_dtype() for k in f.keys() if k in weights)
     return _SAFETENSORS_DTYPES.get(found.pop(), "float32") if len(found) == 1 else "float32"
+
+
+_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _output_bytes_needed(files: list[Path], shapes: dict[str, list[int]], weights: set[str], scheme: Scheme,
+                         rotated: bool) -> int:
+    """About the most disk a quantization's output takes while it is written: the source, its target weights at
+    the scheme's bits, plus one shard's spill file; plus a rotated full-precision copy of the source."""
+    from safetensors import safe_open
+
+    source = sum(p.stat().st_size for p in files)
+    stored = quantized = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key in weights:
+                    numel = math.prod(shapes[key])
+                    stored += numel * _DTYPE_BYTES.get(f.get_slice(key).get_dtype(), 2)
+                    quantized += numel * scheme.weights.num_bits // 8
+    output = source - stored + quantized
+    return output + min(output, 2 * 2**30) + (source if rotated else 0)
 
 
 def source_fingerprint(files: list[Path]) -> str:
@@ -261,6 +285,7 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
     files = weight_files(model_dir)
     shapes = _tensor_shapes(files)
     model = meta_model(model_dir)
+    check_weights_fit_config(model, shapes, model_dir)
     linear = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
     scheme, experts = _moe_scheme(model, scheme, log)
     linear += experts
@@ -278,6 +303,8 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
     check_group_fit(scheme, targets, shapes)
     check_fused_consistent(scheme, targets)
     _check_device(options.device)
+    needed = _output_bytes_needed(files, shapes, {f"{n}.weight" for n in targets}, scheme, bool(options.rotate))
+    check_free_space(out_dir, needed, f"the {scheme.name} checkpoint of {model_dir.name}")
     learned_rotation = False
     if options.rotate:
         from quantize.rotation import ROTATIONS, rotation_family
