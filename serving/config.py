@@ -3,7 +3,8 @@
     host: 0.0.0.0
     port: 8000
     api_keys: keys.yaml            # or `keys:` with the key file's entries inline
-    limits: {max_in_flight: 256, max_queue: 512, queue_timeout_s: 60, client_timeout_s: 60}
+    limits: {max_in_flight: 256, max_queue: 512, queue_timeout_s: 60, client_timeout_s: 60,
+             engine_timeout_s: 600}
     models:
       - name: smollm2-w8a8
         checkpoint: build/demo/smollm2-w8a8   # launched and supervised by the gateway
@@ -89,6 +90,7 @@ class LimitsSpec(BaseModel):
     max_queue: int = Field(default=512, ge=0)
     queue_timeout_s: float = Field(default=60.0, gt=0)
     client_timeout_s: float = Field(default=60.0, gt=0)  # to send a request; to resume reading a stalled stream
+    engine_timeout_s: float = Field(default=600.0, gt=0)  # longest wait for an engine's next bytes (then 504)
 
 
 class GatewayConfig(BaseModel):

@@ -53,7 +53,8 @@ def serve(config: GatewayConfig, log: Callable[[str], None] = print) -> None:
             f"http://{config.host}:{config.port}/v1 (Ctrl-C to stop)")
 
     settings = GatewaySettings(backends=backends, on_fatal=on_fatal, on_ready=on_ready, log=log, keys=keys,
-                               admission=config.admission, max_body_bytes=config.max_body_bytes)
+                               admission=config.admission, max_body_bytes=config.max_body_bytes,
+                               request_timeout_s=config.limits.engine_timeout_s)
     timeout = config.limits.client_timeout_s
     server = uvicorn.Server(uvicorn.Config(build_app(settings), log_level="warning", timeout_graceful_shutdown=10,
                                            http=timed_protocol(read_s=timeout, write_s=timeout)))

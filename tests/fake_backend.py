@@ -24,10 +24,11 @@ def _chunk(i: int, text: str, model: str = "fake") -> str:
 def make_fake_engine() -> FastAPI:
     app = FastAPI()
     app.state.open_streams = 0  # streams being sent: back to 0 once every client (the gateway) has gone
+    app.state.completions = 0  # completion requests received
 
     @app.get("/debug/open_streams")
     async def open_streams():
-        return {"open": app.state.open_streams}
+        return {"open": app.state.open_streams, "completions": app.state.completions}
 
     @app.get("/health")
     async def health():
@@ -41,6 +42,7 @@ def make_fake_engine() -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await request.json()
+        app.state.completions += 1
         prompt = body.get("prompt")
         if prompt == "ERROR400":
             return JSONResponse({"error": {"message": "prompt too long", "type": "BadRequestError",
