@@ -77,3 +77,26 @@ def test_a_frozen_engine_times_out_is_routed_around_and_comes_back():
         os.kill(frozen.pid, signal.SIGCONT)
         frozen.kill()
         frozen.wait()
+
+
+def test_a_replica_that_accepts_and_never_answers_times_out_and_is_routed_around():
+    import socket
+
+    hole = socket.socket()  # a host that stopped answering: the kernel completes handshakes, nobody replies
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    try:
+        with running_fake_engine() as healthy:
+            backends = [Backend.external("fake", f"http://127.0.0.1:{hole.getsockname()[1]}", name="hole"),
+                        Backend.external("fake", healthy, name="healthy")]
+            app = build_app(GatewaySettings(backends=backends, request_timeout_s=2.0, probe_interval_s=0.5,
+                                            log=lambda m: None))
+            with running_app(app) as url:
+                start = time.monotonic()
+                first = _ask(url)  # both idle: the hole, listed first, is chosen
+                assert first.status_code == 504 and 1.9 < time.monotonic() - start < 4, first.text
+                time.sleep(3)
+                assert "'hole': 'unreachable', 'healthy': 'ready'" in httpx.get(f"{url}/ready").text
+                assert [_ask(url).status_code for _ in range(6)] == [200] * 6
+    finally:
+        hole.close()
