@@ -74,7 +74,7 @@ def part_kills(checkpoint: Path, kills: int, log: Log) -> list[dict[str, Any]]:
         port = int(re.search(r"starting vLLM for .* on http://[^:]+:(\d+)", gw.log_path.read_text()).group(1))
         with ThreadPoolExecutor(4) as pool:
             for i in range(kills):
-                in_flight = [pool.submit(_stream, gw.url, "victim", 2000) for _ in range(3)]
+                in_flight = [pool.submit(_stream, gw.url, "victim", 900) for _ in range(3)]  # within 1,024
                 time.sleep(4)  # the streams are generating
                 server = next(pid for pid, kind in engine_pids(port).items() if kind == "api_server")
                 killed_at = time.monotonic()
