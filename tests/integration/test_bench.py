@@ -38,7 +38,9 @@ cells:
 
 def _kill_mid_cell(args: list[str], marker: str, timeout_s: float = 900) -> str:
     """Starts ``qserve bench``, SIGKILLs it once ``marker`` is printed (a crash: no handler runs), and waits
-    until the gateway and engine it started have gone. Returns what it printed."""
+    until the gateway and engine it started have gone. Returns what it printed. Engines running before (a
+    session's shared gateways) are not its own."""
+    others = set(engine_processes())
     proc = subprocess.Popen([sys.executable, "-m", "qserve", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     printed, deadline = [], time.monotonic() + timeout_s
@@ -51,11 +53,14 @@ def _kill_mid_cell(args: list[str], marker: str, timeout_s: float = 900) -> str:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         _, alive = psutil.wait_procs(children, timeout=180)  # the gateway stops with its parent, and its engine
-        deadline = time.monotonic() + 30  # what the gateway started after the listing (a restarted engine)
-        while engine_processes() and time.monotonic() < deadline:
+        def its_engines() -> dict[int, str]:  # with any the gateway started after the listing (a restart)
+            return {pid: cmd for pid, cmd in engine_processes().items() if pid not in others}
+
+        deadline = time.monotonic() + 30
+        while its_engines() and time.monotonic() < deadline:
             time.sleep(1)
         left = {p.pid: p.name() for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
-        left |= engine_processes()
+        left |= its_engines()
         assert not left, f"still running after the kill: {left}\n{_gateway_log_tails(args)}"
     finally:
         if proc.poll() is None:
