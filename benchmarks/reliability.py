@@ -206,10 +206,16 @@ def main() -> None:
     with ExitStack() as stack:
         url = args.engine_url or stack.enter_context(fake_engine())
         for part in args.parts.split(","):
-            rows += PARTS[part](args, url, args.model, print)
-    print("\n| part | what was tried | times | what held | what was lost |\n|---|---|---|---|---|")
+            found = PARTS[part](args, url, args.model, print)
+            _table(found)  # as soon as the part ends: a later part may take long, or be stopped
+            rows += found
+    _table(rows)
+
+
+def _table(rows: list[dict[str, Any]]) -> None:
+    print("\n| part | what was tried | times | what held | what was lost |\n|---|---|---|---|---|", flush=True)
     for r in rows:
-        print(f"| {r['part']} | {r['tried']} | {r['times']} | {r['held']} | {r['lost']} |")
+        print(f"| {r['part']} | {r['tried']} | {r['times']} | {r['held']} | {r['lost']} |", flush=True)
 
 
 if __name__ == "__main__":
