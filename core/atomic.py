@@ -36,8 +36,8 @@ def check_free_space(out: Path, needed_bytes: int, what: str) -> None:
     of the most it will occupy while it is written)."""
     folder = next(p for p in [Path(out).absolute(), *Path(out).absolute().parents] if p.exists())
     if needed_bytes > shutil.disk_usage(folder).free:
-        raise OutputSpaceError(f"{what} needs about {needed_bytes / 2**20:.0f} MiB and {folder} has "
-                               f"{_free_mib(folder):.0f} MiB free; free some space or choose another -o")
+        raise OutputSpaceError(f"{what} needs about {needed_bytes / 2**20:.1f} MiB and {folder} has "
+                               f"{_free_mib(folder):.1f} MiB free; free some space or choose another -o")
 
 
 @contextlib.contextmanager
@@ -49,7 +49,7 @@ def _space_errors(out: Path) -> Iterator[None]:
         if exc.errno not in OUT_OF_SPACE:
             raise
         raise OutputSpaceError(f"no space left on the device of {out.parent} while writing {out.name} "
-                               f"({_free_mib(out.parent):.0f} MiB free); nothing was kept: free some space or "
+                               f"({_free_mib(out.parent):.1f} MiB free); nothing was kept: free some space or "
                                f"choose another -o") from None
 
 
