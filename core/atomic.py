@@ -35,9 +35,10 @@ def check_free_space(out: Path, needed_bytes: int, what: str) -> None:
     """Refuses, before any heavy work, an output that will not fit where it goes (``needed_bytes``: an estimate
     of the most it will occupy while it is written)."""
     folder = next(p for p in [Path(out).absolute(), *Path(out).absolute().parents] if p.exists())
-    if needed_bytes > shutil.disk_usage(folder).free:
+    free_mib = _free_mib(folder)
+    if needed_bytes / 2**20 > free_mib:
         raise OutputSpaceError(f"{what} needs about {needed_bytes / 2**20:.1f} MiB and {folder} has "
-                               f"{_free_mib(folder):.1f} MiB free; free some space or choose another -o")
+                               f"{free_mib:.1f} MiB free; free some space or choose another -o")
 
 
 @contextlib.contextmanager

@@ -64,50 +64,39 @@ def meta_model(model_dir: Path) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def _tensor_shapes(files: list[Path]) -> dict[str, list[int]]:
+def _tensor_headers(files: list[Path]) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Each tensor's shape and safetensors dtype (``BF16``...), from the weight files' headers in one pass."""
     from safetensors import safe_open
 
-    shapes = {}
+    shapes, dtypes = {}, {}
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                shapes[key] = f.get_slice(key).get_shape()
-    return shapes
+                header = f.get_slice(key)
+                shapes[key], dtypes[key] = header.get_shape(), header.get_dtype()
+    return shapes, dtypes
 
 
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
-def _scale_dtype(files: list[Path], weights: list[str]) -> str:
+def _scale_dtype(dtypes: dict[str, str], weights: set[str]) -> str:
     """The dtype the target weights are stored in, which their scales are stored (and so rounded) in;
     float32 when they differ."""
-    from safetensors import safe_open
-
-    found = set()
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            found.update(f.get_slice(k).get_dtype() for k in f.keys() if k in weights)
+    found = {dtypes[k] for k in weights}
     return _SAFETENSORS_DTYPES.get(found.pop(), "float32") if len(found) == 1 else "float32"
 
 
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def _output_bytes_needed(files: list[Path], shapes: dict[str, list[int]], weights: set[str], scheme: Scheme,
-                         rotated: bool) -> int:
+def _output_bytes_needed(files: list[Path], shapes: dict[str, list[int]], dtypes: dict[str, str], weights: set[str],
+                         scheme: Scheme, rotated: bool) -> int:
     """About the most disk a quantization's output takes while it is written: the source, its target weights at
     the scheme's bits, plus one shard's spill file; plus a rotated full-precision copy of the source."""
-    from safetensors import safe_open
-
     source = sum(p.stat().st_size for p in files)
-    stored = quantized = 0
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if key in weights:
-                    numel = math.prod(shapes[key])
-                    stored += numel * _DTYPE_BYTES.get(f.get_slice(key).get_dtype(), 2)
-                    quantized += numel * scheme.weights.num_bits // 8
+    stored = sum(math.prod(shapes[k]) * _DTYPE_BYTES.get(dtypes[k], 2) for k in weights)
+    quantized = sum(math.prod(shapes[k]) * scheme.weights.num_bits // 8 for k in weights)
     output = source - stored + quantized
     return output + min(output, 2 * 2**30) + (source if rotated else 0)
 
@@ -283,7 +272,7 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
     start = time.perf_counter()
     recipe = parse_recipe(method)
     files = weight_files(model_dir)
-    shapes = _tensor_shapes(files)
+    shapes, dtypes = _tensor_headers(files)
     model = meta_model(model_dir)
     check_weights_fit_config(model, shapes, model_dir)
     linear = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
@@ -298,12 +287,13 @@ def quantize_checkpoint(model_dir: Path, scheme: Scheme, method: str, out_dir: P
         scheme, chosen = auto_group_sizes(scheme, targets, shapes)
         log(chosen)
     if scheme.weights.scale_dtype is None:  # a preset that names its scale dtype (gguf-*) keeps it
-        scheme = scheme.with_scale_dtype(_scale_dtype(files, {f"{n}.weight" for n in targets}))
+        scheme = scheme.with_scale_dtype(_scale_dtype(dtypes, {f"{n}.weight" for n in targets}))
     compressed_tensors.check_fits(scheme)
     check_group_fit(scheme, targets, shapes)
     check_fused_consistent(scheme, targets)
     _check_device(options.device)
-    needed = _output_bytes_needed(files, shapes, {f"{n}.weight" for n in targets}, scheme, bool(options.rotate))
+    needed = _output_bytes_needed(files, shapes, dtypes, {f"{n}.weight" for n in targets}, scheme,
+                                  bool(options.rotate))
     check_free_space(out_dir, needed, f"the {scheme.name} checkpoint of {model_dir.name}")
     learned_rotation = False
     if options.rotate:
