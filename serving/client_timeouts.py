@@ -33,6 +33,12 @@ def _raw_response(error: APIError) -> bytes:
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
 
 
+def _cancel(timer: Optional[asyncio.TimerHandle]) -> None:
+    """Cancels ``timer`` if it is set; returns None, for the attribute that held it."""
+    if timer is not None:
+        timer.cancel()
+
+
 class TimedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline for reading each request and one for a stalled write."""
 
@@ -49,10 +55,8 @@ class TimedHttpProtocol(HttpToolsProtocol):
         self._arm_read()
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        for timer in (self._read_timer, self._write_timer):
-            if timer is not None:
-                timer.cancel()
-        self._read_timer = self._write_timer = None
+        self._read_timer = _cancel(self._read_timer)
+        self._write_timer = _cancel(self._write_timer)
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -62,9 +66,7 @@ class TimedHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
+        self._read_timer = _cancel(self._read_timer)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -73,9 +75,7 @@ class TimedHttpProtocol(HttpToolsProtocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
+        self._write_timer = _cancel(self._write_timer)
 
     def _arm_read(self) -> None:
         self._read_timer = self.loop.call_later(self.read_s, self._read_timed_out)

@@ -7,7 +7,6 @@ from typing import Callable, Optional
 
 from core.models import cache_root, resolve_model
 from serving.app import GatewaySettings, build_app
-from serving.client_timeouts import timed_protocol
 from serving.config import GatewayConfig, build_backends
 from serving.engine import free_port
 from serving.keys import KeyRing
@@ -36,6 +35,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve(config: GatewayConfig, log: Callable[[str], None] = print) -> None:
     """Runs the gateway on the config's host and port, with its engines, until SIGINT/SIGTERM."""
     import uvicorn
+
+    from serving.client_timeouts import timed_protocol  # uvicorn's protocol: loaded when a gateway starts
 
     keys = KeyRing.load(config.api_keys, inline=config.keys)  # a bad key file fails before vLLM starts
     backends = build_backends(config, resolve_model, free_port, config.log_dir or cache_root() / "logs")
