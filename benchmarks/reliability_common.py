@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -21,29 +20,10 @@ import psutil  # noqa: E402
 
 from serving.launcher import GatewayProcess  # noqa: E402
 from serving.server import free_port  # noqa: E402
+from tests.fake_backend import fake_engine_process  # noqa: E402
 
 KEY = "sk-reliability"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-@contextmanager
-def fake_engine_process() -> Iterator[tuple[str, subprocess.Popen]]:
-    """The test suite's fake engine (tests/fake_backend.py) as a process of its own: its URL and process."""
-    port = free_port()
-    code = ("import uvicorn; from tests.fake_backend import make_fake_engine; "
-            f"uvicorn.run(make_fake_engine(), host='127.0.0.1', port={port}, log_level='error')")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-    try:
-        for _ in range(150):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}", proc
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @contextmanager

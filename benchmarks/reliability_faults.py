@@ -60,6 +60,16 @@ def _post(url: str, model: str, timeout: float = 60) -> int:
         return 0
 
 
+def _timed_posts(url: str, model: str, count: int) -> tuple[list[int], list[float]]:
+    """``count`` requests one after another: their statuses, and the seconds each took."""
+    statuses, took = [], []
+    for _ in range(count):
+        start = time.monotonic()
+        statuses.append(_post(url, model, timeout=60))
+        took.append(time.monotonic() - start)
+    return statuses, took
+
+
 def _backends(url: str) -> str:
     """``/ready``'s status and what it says of each backend."""
     resp = httpx.get(f"{url}/ready", timeout=10)
@@ -142,11 +152,7 @@ def part_freeze(log: Log, engine_timeout_s: float = 5.0) -> list[dict[str, Any]]
             ends = [f.result() for f in in_flight]
         stream_s = time.monotonic() - stopped_at
         cut = [json.loads(ev[-2])["error"]["type"] for _, ev in ends if _ended_with_error_and_done(ev)]
-        statuses, took = [], []
-        for _ in range(12):
-            t = time.monotonic()
-            statuses.append(_post(gw.url, "fake", timeout=60))
-            took.append(time.monotonic() - t)
+        statuses, took = _timed_posts(gw.url, "fake", 12)
         ready = _backends(gw.url)
         frozen.send_signal(signal.SIGCONT)
         time.sleep(7)  # the next health probe (every 5 s)
@@ -171,11 +177,7 @@ def part_blackhole(log: Log, engine_timeout_s: float = 5.0) -> list[dict[str, An
         with fake_engine_process() as (other_url, _), tempfile.TemporaryDirectory() as tmp, gateway_of(
                 Path(tmp), [{"name": "fake", "urls": [hole_url, other_url]}],  # the hole first: idle, it is chosen
                 limits={"engine_timeout_s": engine_timeout_s}) as gw:
-            statuses, took = [], []
-            for _ in range(20):
-                t = time.monotonic()
-                statuses.append(_post(gw.url, "fake", timeout=60))
-                took.append(time.monotonic() - t)
+            statuses, took = _timed_posts(gw.url, "fake", 20)
             ready = _backends(gw.url)
     finally:
         hole.close()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import uvicorn
@@ -119,6 +122,35 @@ def running_fake_engine() -> Iterator[str]:
     """Serves the fake engine on a free loopback port; yields its base URL."""
     with running_app(make_fake_engine()) as url:
         yield url
+
+
+@contextlib.contextmanager
+def fake_engine_process() -> Iterator[tuple[str, subprocess.Popen]]:
+    """The fake engine in a process of its own (one that can be frozen or killed): its URL and process."""
+    port = free_port()
+    code = ("import uvicorn; from tests.fake_backend import make_fake_engine; "
+            f"uvicorn.run(make_fake_engine(), host='127.0.0.1', port={port}, log_level='error')")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not _answers(url):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the fake engine process did not start")
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @contextlib.contextmanager

@@ -53,6 +53,7 @@ def _kill_mid_cell(args: list[str], marker: str, timeout_s: float = 900) -> str:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         _, alive = psutil.wait_procs(children, timeout=180)  # the gateway stops with its parent, and its engine
+
         def its_engines() -> dict[int, str]:  # with any the gateway started after the listing (a restart)
             return {pid: cmd for pid, cmd in engine_processes().items() if pid not in others}
 

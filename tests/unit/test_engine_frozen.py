@@ -5,36 +5,31 @@ own so that it can be stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import subprocess
-import sys
+import socket
 import time
-from pathlib import Path
+from typing import Iterator
 
 import httpx
 
 from serving.app import GatewaySettings, build_app
 from serving.backends import Backend
-from serving.server import free_port
-from tests.fake_backend import running_app, running_fake_engine
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fake_backend import fake_engine_process, running_app, running_fake_engine
 
 
-def _fake_engine_process(port: int) -> subprocess.Popen:
-    code = ("import uvicorn; from tests.fake_backend import make_fake_engine; "
-            f"uvicorn.run(make_fake_engine(), host='127.0.0.1', port={port}, log_level='error')")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("the fake engine did not start")
+@contextlib.contextmanager
+def _gateway(first_url: str, first_name: str) -> Iterator[str]:
+    """A gateway with two replicas of ``fake``: ``first_url`` (listed first: the one chosen when both are idle)
+    and a healthy fake engine; a 2 s engine timeout, health probed every 0.5 s."""
+    with running_fake_engine() as healthy:
+        backends = [Backend.external("fake", first_url, name=first_name),
+                    Backend.external("fake", healthy, name="healthy")]
+        app = build_app(GatewaySettings(backends=backends, request_timeout_s=2.0, probe_interval_s=0.5,
+                                        log=lambda m: None))
+        with running_app(app) as url:
+            yield url
 
 
 def _ask(url: str) -> httpx.Response:
@@ -43,15 +38,9 @@ def _ask(url: str) -> httpx.Response:
 
 
 def test_a_frozen_engine_times_out_is_routed_around_and_comes_back():
-    port = free_port()
-    frozen = _fake_engine_process(port)
-    try:
-        with running_fake_engine() as healthy:
-            backends = [Backend.external("fake", f"http://127.0.0.1:{port}", name="frozen"),
-                        Backend.external("fake", healthy, name="healthy")]
-            app = build_app(GatewaySettings(backends=backends, request_timeout_s=2.0, probe_interval_s=0.5,
-                                            log=lambda m: None))
-            with running_app(app) as url:
+    with fake_engine_process() as (frozen_url, frozen):
+        try:
+            with _gateway(frozen_url, "frozen") as url:
                 assert all(_ask(url).status_code == 200 for _ in range(4))
                 os.kill(frozen.pid, signal.SIGSTOP)
                 timed = []
@@ -73,30 +62,21 @@ def test_a_frozen_engine_times_out_is_routed_around_and_comes_back():
                 while httpx.get(f"{url}/ready").status_code != 200 and time.monotonic() < deadline:
                     time.sleep(0.2)
                 assert httpx.get(f"{url}/ready").json()["backends"] == {"frozen": "ready", "healthy": "ready"}
-    finally:
-        os.kill(frozen.pid, signal.SIGCONT)
-        frozen.kill()
-        frozen.wait()
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
 
 
 def test_a_replica_that_accepts_and_never_answers_times_out_and_is_routed_around():
-    import socket
-
     hole = socket.socket()  # a host that stopped answering: the kernel completes handshakes, nobody replies
     hole.bind(("127.0.0.1", 0))
     hole.listen(64)
     try:
-        with running_fake_engine() as healthy:
-            backends = [Backend.external("fake", f"http://127.0.0.1:{hole.getsockname()[1]}", name="hole"),
-                        Backend.external("fake", healthy, name="healthy")]
-            app = build_app(GatewaySettings(backends=backends, request_timeout_s=2.0, probe_interval_s=0.5,
-                                            log=lambda m: None))
-            with running_app(app) as url:
-                start = time.monotonic()
-                first = _ask(url)  # both idle: the hole, listed first, is chosen
-                assert first.status_code == 504 and 1.9 < time.monotonic() - start < 4, first.text
-                time.sleep(3)
-                assert "'hole': 'unreachable', 'healthy': 'ready'" in httpx.get(f"{url}/ready").text
-                assert [_ask(url).status_code for _ in range(6)] == [200] * 6
+        with _gateway(f"http://127.0.0.1:{hole.getsockname()[1]}", "hole") as url:
+            start = time.monotonic()
+            first = _ask(url)  # both idle: the hole, listed first, is chosen
+            assert first.status_code == 504 and 1.9 < time.monotonic() - start < 4, first.text
+            time.sleep(3)
+            assert "'hole': 'unreachable', 'healthy': 'ready'" in httpx.get(f"{url}/ready").text
+            assert [_ask(url).status_code for _ in range(6)] == [200] * 6
     finally:
         hole.close()
